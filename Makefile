@@ -1,0 +1,41 @@
+# prune2tvm: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+CLI     = $(VENV)/bin/prune2tvm
+STAMP   = $(VENV)/.prune2tvm-installed
+TARGET ?= x86
+MODEL  ?=
+TRIALS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install demo test tune bench clean distclean
+
+install: $(STAMP)
+
+# torch first, with pip: that takes the CPU build (a resolver could pull a multi-GB CUDA one).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(CLI) run pipelines/digits.yaml --force
+
+test: install
+	PRUNE2TVM_NO_PROGRESS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+tune: install
+	$(CLI) tune $(MODEL) --target $(TARGET) $(if $(TRIALS),--trials $(TRIALS))
+
+bench: install
+	$(PY) benchmarks/digits_latency.py
+
+clean:
+	rm -rf runs build *.egg-info prune2tvm.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from prune2tvm.cli import main
+
+main()

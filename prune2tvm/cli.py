@@ -1,0 +1,315 @@
+"""The ``prune2tvm`` command: one function per verb; each parses its options and calls the
+library (heavy imports happen inside the verb, so ``--help`` is instant)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from prune2tvm import __version__
+from prune2tvm.errors import InputError, Prune2TVMError, UnsupportedError
+
+
+class _Group(click.Group):
+    """Turns a ``Prune2TVMError`` into one line on stderr and exit status 2 (a bug: 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished results were kept, nothing half-written", err=True)
+            ctx.exit(130)
+        except Prune2TVMError as exc:
+            if _debug(ctx):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except Exception as exc:  # a bug in prune2tvm: still one line unless --debug
+            if _debug(ctx):
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.params.get("debug")) or bool(os.environ.get("PRUNE2TVM_DEBUG"))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="prune2tvm")
+def cli(debug: bool) -> None:
+    """Prune PyTorch models, compile them with Apache TVM, and measure what sparsity buys.
+
+    Start with `prune2tvm run pipelines/digits.yaml`.
+    """
+
+
+def main() -> None:
+    cli(prog_name="prune2tvm")
+
+
+def _parse_shape(text: str, option: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        dims = []
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError(f"{option}: {text!r} is not a shape; valid: positive integers separated by commas, e.g. 1,8,8")
+    return dims
+
+
+# --------------------------------------------------------------------------- run
+
+
+@cli.command()
+@click.argument("pipeline")
+@click.option("--target", "-t", help="Target name or YAML file; overrides the pipeline's compile.target.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Run directory (default: runs/<name>).")
+@click.option("--force", is_flag=True, help="Replace an existing run directory (only once the new one is complete).")
+def run(pipeline: str, target: str | None, output: str | None, force: bool) -> None:
+    """Run a pipeline file (or a shipped pipeline's name): train, prune, export, compile,
+    evaluate, measure and report."""
+    from prune2tvm.config import load_pipeline, resolve_named_file, PIPELINES_DIR
+    from prune2tvm.pipeline import RunOptions, run_pipeline
+
+    cfg = load_pipeline(pipeline)
+    source = str(resolve_named_file(pipeline, PIPELINES_DIR, "pipeline"))
+    out = run_pipeline(cfg, RunOptions(target=target, output=output, force=force), source=source)
+    click.echo(f"wrote {out}/report.md, {out}/report.json, {out}/accuracy_vs_latency.png")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@cli.command()
+@click.argument("pipeline", required=False)
+def prune(pipeline: str | None) -> None:
+    """Prune a checkpoint on its own (arrives with the pruning-methods issue, #4)."""
+    raise UnsupportedError("'prune' on its own arrives with issue #4 (pruning methods); today "
+                           "'prune2tvm run PIPELINE' trains, prunes (AGP) and evaluates in one go")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--model", "-m", "model_name", required=True, help="Model name from the zoo (see 'pipelines show').")
+@click.option("--input-shape", default="1,8,8", show_default=True, help="One sample's shape C,H,W.")
+@click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing ONNX file.")
+def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int, opset: int, output: str,
+           force: bool) -> None:
+    """Export a state-dict checkpoint to ONNX, checked against torch with onnxruntime."""
+    shape = _parse_shape(input_shape, "--input-shape")
+    if Path(output).exists() and not force:
+        from prune2tvm.errors import OutputExistsError
+
+        raise OutputExistsError(f"{output} already exists; pass --force to replace it")
+    import numpy as np
+
+    from prune2tvm.checkpoint import load_state_dict
+    from prune2tvm.export import export_onnx
+    from prune2tvm.models import build_model
+
+    model = build_model(model_name, tuple(shape), num_classes)
+    load_state_dict(model, checkpoint)
+    check = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
+    result = export_onnx(model, tuple(shape), output, opset, check)
+    click.echo(f"wrote {output} (max abs diff vs torch {result.max_abs_diff:.2e})")
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default=None, help="Target name or YAML file (default: x86, the host CPU).")
+@click.option("--batch-size", "-b", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Batch size the build is specialised for (the ONNX batch dimension).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
+              help="Static shape of an input (overrides --batch-size for that input); repeatable.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], output: str,
+             force: bool) -> None:
+    """Compile an ONNX model with TVM (dense kernels), check it against onnxruntime, save it."""
+    from prune2tvm.config import DEFAULT_TARGET, load_target
+    from prune2tvm.fsutil import staged_dir
+
+    _require_file(model, "ONNX model")
+    tgt = load_target(target or DEFAULT_TARGET)
+    shapes = _input_shapes(model, batch_size, input_shapes)
+    from prune2tvm.compile import compile_onnx
+
+    with staged_dir(output, force=force, what="a compiled model") as stage:
+        compiled = compile_onnx(model, tgt, shapes)
+        compiled.save(stage)
+    status = "verified against onnxruntime" if compiled.info.verified else compiled.info.not_verified_reason
+    worst = max((c.max_abs_diff for c in compiled.info.checks), default=None)
+    click.echo(f"wrote {output} ({status}" + (f", max abs diff {worst:.2e})" if worst is not None else ")"))
+
+
+def _require_file(path: str, what: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: no such file (expected {what})")
+    if not p.is_file():
+        raise InputError(f"{path}: not a file (expected {what})")
+    if p.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (expected {what})")
+
+
+def _input_shapes(model: str, batch_size: int, overrides: tuple[str, ...]) -> dict[str, list[int]]:
+    from prune2tvm.export.onnx_export import read_onnx_io
+
+    try:
+        inputs, _ = read_onnx_io(model)
+    except Exception as exc:  # protobuf decode errors have no common base
+        raise InputError(f"{model}: not a readable ONNX model ({type(exc).__name__})") from None
+    shapes = {}
+    for name, dims in inputs:
+        if dims and dims[0] is None:
+            dims = [batch_size, *dims[1:]]
+        shapes[name] = dims
+    for item in overrides:
+        name, sep, dims = item.partition("=")
+        if not sep:
+            raise InputError(f"--input-shape: {item!r} is not NAME=D0,D1,...; inputs: {', '.join(shapes)}")
+        shapes[name] = _parse_shape(dims, f"--input-shape {name}")
+    return shapes
+
+
+@cli.command()
+@click.argument("model", required=False)
+def tune(model: str | None) -> None:
+    """Autotune a model for a target (arrives with the autotuning issue, #5)."""
+    raise UnsupportedError("'tune' arrives with issue #5 (meta_schedule autotuning, tuning databases, RPC "
+                           "devices); today 'compile' builds with TVM's default schedules")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False),
+              help="The ONNX model the build came from; onnxruntime runs it as the baseline.")
+@click.option("--repeat", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
+def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int, json_path: str | None) -> None:
+    """Measure a compiled model against onnxruntime, interleaved in one process."""
+    import numpy as np
+
+    from prune2tvm.compile import load_compiled
+    from prune2tvm.fsutil import sha256_file, write_json
+    from prune2tvm.measure.latency import measure_interleaved
+    from prune2tvm.onnxrt import session
+
+    _require_file(onnx_path, "ONNX model")
+    if rounds > repeat:
+        raise InputError(f"--rounds {rounds} exceeds --repeat {repeat}; valid: 1 <= rounds <= repeat")
+    compiled = load_compiled(directory)
+    if sha256_file(onnx_path) != compiled.info.onnx_sha256:
+        raise InputError(f"{onnx_path} is not the model {directory} was compiled from (sha256 differs)")
+    rng = np.random.default_rng(0)
+    feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in compiled.inputs}
+    ort = session(onnx_path, threads=compiled.target.threads or os.cpu_count())
+    stats = measure_interleaved({"tvm": compiled.bind(feeds), "onnxruntime": lambda: ort.run(None, feeds)},
+                                warmup, repeat, rounds)
+    speedup = stats["onnxruntime"].median / stats["tvm"].median
+    for name, s in stats.items():
+        click.echo(f"{name:12s} median {s.median:.4f} ms  p90 {s.p90:.4f} ms  ({s.samples} calls)")
+    click.echo(f"speed-up (onnxruntime median / tvm median): {speedup:.2f}x")
+    if json_path:
+        write_json(json_path, {name: {"median_ms": s.median, "p90_ms": s.p90, "samples": s.samples}
+                               for name, s in stats.items()} | {"speedup": speedup})
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+def report(run_dirs: tuple[str, ...]) -> None:
+    """Regenerate report.md and the plot of a run directory from its report.json."""
+    from prune2tvm.report import load_report, write_report
+
+    for run_dir in run_dirs:
+        written = write_report(load_report(run_dir), run_dir)
+        click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+# --------------------------------------------------------------------------- catalogues
+
+
+@cli.group(cls=_Group)
+def targets() -> None:
+    """Hardware targets shipped in targets/ (or given as YAML files)."""
+
+
+@targets.command(name="list")
+def targets_list() -> None:
+    """List the shipped targets, and whether each runs on this machine."""
+    from prune2tvm.config import TARGETS_DIR, available, load_target
+
+    for name in available(TARGETS_DIR):
+        target = load_target(name)
+        ok, why = target.runs_here()
+        click.echo(f"{name:14s} {'runs here' if ok else 'build only':10s}  {target.description}"
+                   + ("" if ok else f" ({why})"))
+
+
+@targets.command(name="show")
+@click.argument("name")
+def targets_show(name: str) -> None:
+    """Show a target file and the TVM target it resolves to on this machine."""
+    import yaml
+
+    from prune2tvm.config import load_target
+
+    target = load_target(name)
+    click.echo(yaml.safe_dump({k: v for k, v in target.to_dict().items()}, sort_keys=False).rstrip())
+    from prune2tvm.compile.target import resolved_target_dict
+
+    click.echo(f"resolved tvm target: {json.dumps(resolved_target_dict(target))}")
+    ok, why = target.runs_here()
+    click.echo("runs on this machine: " + ("yes" if ok else f"no, {why}"))
+
+
+@cli.group(cls=_Group)
+def pipelines() -> None:
+    """Pipeline files shipped in pipelines/ (or given as YAML files)."""
+
+
+@pipelines.command(name="list")
+def pipelines_list() -> None:
+    """List the shipped pipelines."""
+    from prune2tvm.config import PIPELINES_DIR, available, load_pipeline
+
+    for name in available(PIPELINES_DIR):
+        cfg = load_pipeline(name)
+        click.echo(f"{name:14s} {cfg.description}")
+
+
+@pipelines.command(name="show")
+@click.argument("name")
+def pipelines_show(name: str) -> None:
+    """Show a pipeline with every default filled in."""
+    import yaml
+
+    from prune2tvm.config import load_pipeline
+
+    click.echo(yaml.safe_dump(load_pipeline(name).to_dict(), sort_keys=False, default_flow_style=None).rstrip())
+
+
+@cli.command()
+def env() -> None:
+    """Versions of the toolchain, CPU features and CUDA compiler on this machine."""
+    from prune2tvm.environment import collect
+
+    for key, value in collect().items():
+        click.echo(f"{key:18s} {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

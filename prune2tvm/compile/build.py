@@ -1,0 +1,289 @@
+"""Build an ONNX model for a target and check it against onnxruntime.
+
+The phases, in order (each logged with its duration):
+  import    ONNX -> Relax IRModule, input shapes made static (frontend.py)
+  sparsify  BSR rewrite of block-sparse dense/conv layers -- arrives with issue #3; until
+            then every layer is built with TVM's dense kernels
+  build     tvm.compile for the target (untuned default schedules; tuning is issue #5)
+  verify    run the build and onnxruntime on the same inputs; a miss raises, nothing is kept
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+import prune2tvm
+from prune2tvm.compile.frontend import import_onnx
+from prune2tvm.compile.target import device, export_compiler, resolved_target_dict, tvm_target
+from prune2tvm.config import TargetConfig
+from prune2tvm.errors import BuildError, InputError, NumericalMismatchError, UnsupportedError
+from prune2tvm.fsutil import atomic_path, sha256_file, write_json
+from prune2tvm.onnxrt import compare, session
+from prune2tvm.progress import phase
+
+LIBRARY_NAME = "model.so"
+INFO_NAME = "compile.json"
+COMPILE_FORMAT_VERSION = 1
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+
+
+@dataclass
+class Check:
+    inputs: str  # "random" or "real"
+    max_abs_diff: float
+    tolerance: float
+
+
+@dataclass
+class CompileInfo:
+    target: dict  # the TargetConfig as loaded
+    tvm_target: dict  # what went to tvm.target.Target, auto values resolved
+    inputs: list[InputSpec]
+    outputs: list[str]
+    onnx_sha256: str
+    tvm_version: str = tvm.__version__
+    prune2tvm_version: str = prune2tvm.__version__
+    checks: list[Check] = field(default_factory=list)
+    verified: bool = False
+    not_verified_reason: str = ""
+    device_code: str = ""  # how the device code was checked (cuda: nvcc on the generated source)
+    format_version: int = COMPILE_FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CompileInfo":
+        data = dict(data)
+        data["inputs"] = [InputSpec(**i) for i in data["inputs"]]
+        data["checks"] = [Check(**c) for c in data.get("checks", [])]
+        return cls(**data)
+
+
+class CompiledModel:
+    """A built module plus what is needed to feed it: call it with numpy arrays by name."""
+
+    def __init__(self, module, target: TargetConfig, info: CompileInfo):
+        self._module = module
+        self.target = target
+        self.info = info
+        self._vm = None
+
+    @property
+    def inputs(self) -> list[InputSpec]:
+        return self.info.inputs
+
+    def _machine(self):
+        if self._vm is None:
+            ok, why = self.target.runs_here()
+            if not ok:
+                raise UnsupportedError(f"cannot run a {self.target.name} build here: {why}")
+            if self.target.threads:
+                os.environ.setdefault("TVM_NUM_THREADS", str(self.target.threads))
+            self._vm = relax.VirtualMachine(self._module, device(self.target))
+        return self._vm
+
+    def _tensors(self, feeds: dict[str, np.ndarray]) -> list:
+        dev = device(self.target)
+        tensors = []
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise InputError(f"missing input {spec.name!r}; the model takes: {', '.join(i.name for i in self.inputs)}")
+            array = np.ascontiguousarray(feeds[spec.name])
+            if list(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
+                raise InputError(f"input {spec.name!r} is {array.dtype}{list(array.shape)}; "
+                                 f"the build takes {spec.dtype}{spec.shape}")
+            tensors.append(tvm.runtime.tensor(array, dev))
+        return tensors
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self._machine()["main"](*self._tensors(feeds))
+        return [t.numpy() for t in _flatten(out)]
+
+    def bind(self, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
+        """A no-argument call of the model on ``feeds``, converted once (for timing)."""
+        fn = self._machine()["main"]
+        tensors = self._tensors(feeds)
+        sync = device(self.target).sync
+
+        def call() -> None:
+            fn(*tensors)
+            sync()
+
+        return call
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        with atomic_path(directory / LIBRARY_NAME) as tmp:
+            library = tmp.with_suffix(".so")
+            fcompile = export_compiler(self.target)
+            with _without_native_noise():
+                self._module.export_library(str(library), **({"fcompile": fcompile} if fcompile else {}))
+            os.replace(library, tmp)
+        write_json(directory / INFO_NAME, self.info.to_json())
+        return directory
+
+
+# TVM 0.27's runtime logs "Warning: Scope Saving:" (a leftover debug line) once per virtual
+# device scope whenever a VM executable is saved; it carries no information for users.
+_NATIVE_NOISE = ("Warning: Scope Saving:",)
+
+
+@contextlib.contextmanager
+def _without_native_noise():
+    """Capture what native code writes to fd 2, and pass on all but the known noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines():
+                if not any(noise in line for noise in _NATIVE_NOISE):
+                    print(line, file=sys.stderr)
+
+
+def _flatten(out) -> list:
+    if isinstance(out, tvm.runtime.Tensor):
+        return [out]
+    return [t for item in out for t in _flatten(item)]
+
+
+def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
+                 real_feeds: dict[str, np.ndarray] | None = None, seed: int = 0,
+                 rtol: float = 1e-4, atol: float = 1e-5) -> CompiledModel:
+    """Import, build and (where the target runs here) verify against onnxruntime."""
+    from prune2tvm.export.onnx_export import read_onnx_io
+
+    onnx_inputs, outputs = read_onnx_io(onnx_path)
+    names = [name for name, _ in onnx_inputs]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise InputError(f"{onnx_path}: no input named {', '.join(unknown)}; its inputs: {', '.join(names)}")
+    specs = []
+    for name, dims in onnx_inputs:
+        shape = input_shapes.get(name, dims)
+        if shape is None or any(d is None or d <= 0 for d in shape):
+            raise InputError(f"{onnx_path}: input {name!r} has dynamic shape {dims}; give a static shape for it")
+        specs.append(InputSpec(name, [int(d) for d in shape]))
+
+    with phase("import", f"{Path(onnx_path).name} with {', '.join(f'{s.name}{s.shape}' for s in specs)}"):
+        mod = import_onnx(onnx_path, {s.name: s.shape for s in specs})
+    target_dict = resolved_target_dict(target)
+    with phase("build", f"target {target.name}: {json.dumps(target_dict)}"):
+        try:
+            executable = tvm.compile(mod, tvm_target(target))
+        except Exception as exc:  # TVM raises its own error types from C++
+            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise BuildError(f"TVM cannot build {Path(onnx_path).name} for {target.name}: {last}") from None
+    info = CompileInfo(target=target.to_dict(), tvm_target=target_dict, inputs=specs, outputs=outputs,
+                       onnx_sha256=sha256_file(onnx_path))
+    if target.kind == "cuda":
+        info.device_code = check_cuda_source(executable, target)
+    compiled = CompiledModel(executable, target, info)
+    verify_against_onnxruntime(compiled, onnx_path, real_feeds, seed, rtol, atol)
+    return compiled
+
+
+def check_cuda_source(executable, target: TargetConfig) -> str:
+    """Compile the generated CUDA source with nvcc for the target's arch.
+
+    TVM 0.27 embeds CUDA *source* in the library, compiled when it is loaded on the GPU; this
+    proves here, before anything ships, that every kernel compiles for that GPU.
+    """
+    import shutil
+
+    from tvm.support import nvcc
+
+    arch = str(target.tvm.get("arch", ""))
+    if shutil.which("nvcc") is None:
+        return f"not checked: nvcc is not installed (kernels compile for {arch} when loaded on the GPU)"
+    sources = [m.inspect_source("cu") for m in _walk_modules(executable.mod) if m.kind == "cuda"]
+    if not sources:
+        return "no CUDA kernels"
+    with phase("nvcc", f"compile {len(sources)} CUDA module(s) for {arch}"):
+        for source in sources:
+            try:
+                with tvm_target(target):
+                    nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc")
+            except Exception as exc:  # nvcc's errors come back as RuntimeError with its log
+                lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or [str(exc)]
+                raise BuildError(f"nvcc cannot compile the generated CUDA code for {arch}: {lines[0].strip()}") from None
+    return f"generated CUDA source compiled with nvcc for {arch}"
+
+
+def _walk_modules(module):
+    yield module
+    for sub in module.imports:
+        yield from _walk_modules(sub)
+
+
+def verify_against_onnxruntime(compiled: CompiledModel, onnx_path: str | os.PathLike,
+                               real_feeds: dict[str, np.ndarray] | None, seed: int,
+                               rtol: float, atol: float) -> None:
+    info = compiled.info
+    ok, why = compiled.target.runs_here()
+    if not ok:
+        info.verified, info.not_verified_reason = False, f"not run here: {why}"
+        return
+    rng = np.random.default_rng(seed)
+    cases = [("random", {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in info.inputs})]
+    if real_feeds is not None:
+        cases.append(("real", real_feeds))
+    reference = session(onnx_path)
+    with phase("verify", "against onnxruntime on " + " and ".join(kind for kind, _ in cases) + " inputs"):
+        for kind, feeds in cases:
+            expected = reference.run(None, feeds)
+            actual = compiled.run(feeds)
+            for name, a, e in zip(info.outputs, actual, expected):
+                diff, tolerance, good = compare(a, e, rtol, atol)
+                info.checks.append(Check(kind, diff, tolerance))
+                if not good:
+                    raise NumericalMismatchError(
+                        f"TVM build disagrees with onnxruntime on {kind} inputs, output {name!r}: "
+                        f"max abs diff {diff:.3g} > tolerance {tolerance:.3g}")
+    info.verified = True
+
+
+def load_compiled(directory: str | os.PathLike, target: TargetConfig | None = None) -> CompiledModel:
+    from prune2tvm.config import TargetConfig as _Target, from_dict
+
+    directory = Path(directory)
+    info_path, library = directory / INFO_NAME, directory / LIBRARY_NAME
+    for path in (info_path, library):
+        if not path.is_file():
+            raise InputError(f"{directory}: not a compiled model directory ({path.name} is missing)")
+    try:
+        info = CompileInfo.from_json(json.loads(info_path.read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{info_path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if info.tvm_version != tvm.__version__:
+        raise UnsupportedError(f"{directory} was built with TVM {info.tvm_version}; this is TVM {tvm.__version__}")
+    if target is None:
+        saved = {k: v for k, v in info.target.items() if k != "path"}
+        target = from_dict(_Target, saved, f"{info_path}: target.")
+    ok, why = target.runs_here()
+    if not ok:
+        raise UnsupportedError(f"cannot run {directory} here: {why}")
+    return CompiledModel(tvm.runtime.load_module(str(library)), target, info)

@@ -1,0 +1,50 @@
+"""TargetConfig -> tvm.target.Target, with ``mcpu: auto`` resolved to the host CPU."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import tvm
+
+from prune2tvm.config import TargetConfig
+from prune2tvm.errors import UnsupportedError
+
+
+def host_cpu_name() -> str:
+    return str(tvm.get_global_func("target.llvm_get_system_cpu")())
+
+
+def resolved_target_dict(target: TargetConfig) -> dict:
+    """The dict given to ``tvm.target.Target``: ``auto`` values replaced by what they mean here."""
+    spec = copy.deepcopy(target.tvm)
+    if spec.get("mcpu") == "auto":
+        spec["mcpu"] = host_cpu_name()
+    if spec.get("num-cores") == "auto" or (target.threads and "num-cores" not in spec and spec["kind"] == "llvm"):
+        spec["num-cores"] = target.threads or os.cpu_count() or 1
+    return spec
+
+
+def tvm_target(target: TargetConfig) -> "tvm.target.Target":
+    spec = resolved_target_dict(target)
+    if target.host is not None:
+        return tvm.target.Target(spec, host=copy.deepcopy(target.host))
+    return tvm.target.Target(spec)
+
+
+def export_compiler(target: TargetConfig):
+    """The ``fcompile`` for ``export_library``: the host's default or the cross compiler."""
+    if not target.cross_compiler:
+        return None
+    if shutil.which(target.cross_compiler) is None:
+        package = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}.get(target.cross_compiler, "its cross toolchain")
+        raise UnsupportedError(f"target {target.name} needs the cross compiler {target.cross_compiler}, which is not "
+                               f"installed; install Debian's {package}")
+    from tvm.contrib import cc
+
+    return cc.cross_compiler(target.cross_compiler)
+
+
+def device(target: TargetConfig):
+    return tvm.cuda(0) if target.kind == "cuda" else tvm.cpu(0)

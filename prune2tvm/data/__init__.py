@@ -1,0 +1,15 @@
+"""Datasets: name -> loader returning deterministic train/val/test splits."""
+
+from prune2tvm.data.splits import DatasetSplits, Split
+from prune2tvm.registry import Registry
+
+DATASETS = Registry("dataset")
+
+# Importing the module registers its loaders; each keeps heavy imports inside the loader.
+from prune2tvm.data import digits  # noqa: E402,F401
+
+__all__ = ["DATASETS", "DatasetSplits", "Split", "load_dataset"]
+
+
+def load_dataset(name: str, split: list[float], seed: int, path: str | None = None) -> DatasetSplits:
+    return DATASETS.lookup(name)(split=split, seed=seed, path=path)

@@ -1,0 +1,88 @@
+"""Writing files so that a crash leaves either the old complete file or the new one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from prune2tvm.errors import InputError, OutputExistsError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it is writable, or raise one clear line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-", delete=True)
+        probe.close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(f"cannot write to directory {path}: {reason}") from None
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike, force: bool, what: str = "results") -> Iterator[Path]:
+    """Build a whole output directory under a temporary name, then swap it into place.
+
+    An existing ``final`` is refused unless ``force``; with ``force`` it is replaced only
+    after the new one is complete, so an interrupted run never loses the old results.
+    """
+    final = Path(final)
+    if final.exists() and not force:
+        raise OutputExistsError(f"{what} already exist at {final}; pass --force to replace them")
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{final} exists and is not a directory")
+    parent = ensure_writable_dir(final.parent)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
+    try:
+        yield stage
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
+            os.replace(final, old / final.name)
+            os.replace(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, final)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

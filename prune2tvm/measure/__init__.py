@@ -1,0 +1,1 @@
+"""Measurements: latency of several backends side by side, and accuracy of each."""

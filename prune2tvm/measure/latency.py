@@ -1,0 +1,53 @@
+"""Latency of several callables measured side by side in one process.
+
+The machines are shared and noisy, so backends are measured in alternating rounds (A, B,
+A, B, ...) rather than one after the other: a slow spell hits both. Each round starts with
+a few unrecorded calls so one backend's idle threads do not bleed into the next one's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from prune2tvm.progress import bar
+
+
+@dataclass
+class LatencyStats:
+    median: float  # milliseconds
+    p90: float
+    mean: float
+    min: float
+    samples: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> "LatencyStats":
+        a = np.asarray(samples_ms, dtype=np.float64)
+        return cls(float(np.median(a)), float(np.percentile(a, 90)), float(a.mean()), float(a.min()), int(a.size))
+
+
+def measure_interleaved(calls: dict[str, Callable[[], None]], warmup: int, repeat: int,
+                        rounds: int, desc: str = "latency") -> dict[str, LatencyStats]:
+    """Warm each call up, then time ``repeat`` calls of each, split over ``rounds`` rounds."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    per_round = [repeat // rounds + (1 if r < repeat % rounds else 0) for r in range(rounds)]
+    settle = min(5, max(1, warmup // 4)) if warmup else 0
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for count in bar(per_round, desc=desc, total=rounds, unit="round"):
+        for name, fn in calls.items():
+            for _ in range(settle):
+                fn()
+            for _ in range(count):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: LatencyStats.from_samples(s) for name, s in samples.items()}

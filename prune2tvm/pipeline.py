@@ -1,0 +1,183 @@
+"""``prune2tvm run PIPELINE``: every stage, one after the other, for each variant.
+
+  1. data      load and split the dataset (seeded)
+  2. train     train the dense model (seeded, deterministic)
+  3. prune     one AGP fine-tuning per final sparsity, masks held
+  4. export    each variant to ONNX, checked against torch with onnxruntime
+  5. compile   each ONNX with TVM for the target, checked against onnxruntime
+  6. evaluate  test accuracy with torch, onnxruntime and TVM, each really run
+  7. measure   TVM and onnxruntime latency, side by side
+  8. report    report.json, report.md, accuracy_vs_latency.png
+
+The run directory is built under a temporary name and swapped into place when complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import prune2tvm
+from prune2tvm.config import PipelineConfig, TargetConfig, load_target
+from prune2tvm.errors import OutputExistsError, UnsupportedError
+from prune2tvm.fsutil import ensure_writable_dir, staged_dir
+from prune2tvm.progress import phase, say
+
+CHECK_BATCH = 64  # real samples used to check export and compile numerics
+
+
+@dataclass
+class RunOptions:
+    target: str | None = None  # overrides compile.target
+    output: str | None = None  # overrides the pipeline's output directory
+    force: bool = False
+
+
+def resolve(cfg: PipelineConfig, options: RunOptions) -> tuple[TargetConfig, Path]:
+    target = load_target(options.target or cfg.compile.target)
+    out_dir = Path(options.output) if options.output else cfg.output_dir
+    return target, out_dir
+
+
+def describe(cfg: PipelineConfig, target: TargetConfig, out_dir: Path, source: str) -> str:
+    """The resolved configuration, shown before any expensive work."""
+    shown = {"pipeline": source, "output": str(out_dir), "target": {k: v for k, v in target.to_dict().items()
+                                                                    if v not in (None, [], "")}}
+    shown.update({k: v for k, v in cfg.to_dict().items() if k not in ("output",)})
+    return yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip()
+
+
+def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> Path:
+    target, out_dir = resolve(cfg, options)
+    runs, why = target.runs_here()
+    if not runs:
+        raise UnsupportedError(f"target {target.name} cannot be evaluated on this machine ({why}); "
+                               "'run' measures accuracy and latency, so it needs a target that runs here "
+                               "(see 'prune2tvm targets list')")
+    ensure_writable_dir(out_dir.parent)
+    if out_dir.exists() and not options.force:
+        raise OutputExistsError(f"results already exist at {out_dir}; pass --force to replace them")
+    say("Resolved configuration:\n" + describe(cfg, target, out_dir, source))
+    with staged_dir(out_dir, force=options.force) as stage:
+        _run_stages(cfg, target, stage, source)
+    say(f"Report: {out_dir / 'report.md'}")
+    return out_dir
+
+
+def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: str) -> None:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from prune2tvm.compile import compile_onnx
+    from prune2tvm.data import load_dataset
+    from prune2tvm.export import export_onnx
+    from prune2tvm.measure.accuracy import agreement, predict_batched
+    from prune2tvm.measure.latency import measure_interleaved
+    from prune2tvm.models import build_model
+    from prune2tvm.onnxrt import session
+    from prune2tvm.prune.agp_prune import PruneResult, agp_prune
+    from prune2tvm.prune.masks import layer_sparsity
+    from prune2tvm.report import Report, Variant, write_report
+    from prune2tvm.train import accuracy, make_optimizer, predict_torch, seed_everything, train_epochs
+
+    threads = target.threads or os.cpu_count() or 1
+    with phase("data", f"{cfg.data.dataset}, split {cfg.data.split}, seed {cfg.seed}"):
+        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path)
+        say(f"  train {len(data.train)}, val {len(data.val)}, test {len(data.test)} samples of shape {data.input_shape}")
+
+    with phase("train", f"dense {cfg.model.name} for {cfg.train.epochs} epochs"):
+        seed_everything(cfg.seed)
+        dense = build_model(cfg.model.name, data.input_shape, data.num_classes)
+        history = train_epochs(dense, data.train, data.val, cfg.train, cfg.train.epochs, cfg.seed,
+                               make_optimizer(dense, cfg.train), desc="train dense")
+        say(f"  loss {history[-1].loss:.4f}, val accuracy {history[-1].val_accuracy:.4f}")
+    variants = [PruneResult("dense", dense, 0.0, layer_sparsity(dense, cfg.prune.layers), history)]
+
+    for final in cfg.prune.sparsities:
+        name = f"{cfg.prune.method}-{round(100 * final)}"
+        with phase("prune", f"{name}: AGP {cfg.prune.granularity} to {final}, "
+                            f"{cfg.prune.fine_tune_epochs} fine-tuning epochs"):
+            seed_everything(cfg.seed)
+            result = agp_prune(dense, data, cfg.prune, cfg.train, final, cfg.seed, name)
+            say(f"  measured sparsity {result.sparsity:.4f}, val accuracy {result.history[-1].val_accuracy:.4f}")
+        variants.append(result)
+
+    x_test, y_test = data.test.x, data.test.y
+    check_x = x_test[:CHECK_BATCH]
+    batch = cfg.measure.batch_size
+    bench_x = np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])))
+    report_variants = []
+    for result in variants:
+        vdir = stage / "variants" / result.name
+        vdir.mkdir(parents=True)
+        _save_checkpoint(result.model, vdir / "model.pt")
+        with phase("export", f"{result.name} -> ONNX opset {cfg.export.opset}"):
+            onnx_model = export_onnx(result.model, data.input_shape, vdir / "model.onnx", cfg.export.opset, check_x)
+        compiled = compile_onnx(onnx_model.path, target, {onnx_model.input_name: [batch, *data.input_shape]},
+                                real_feeds={onnx_model.input_name: np.resize(check_x, (batch, *check_x.shape[1:]))},
+                                seed=cfg.seed)
+        compiled.save(vdir / "tvm")
+        ort = session(onnx_model.path, threads=threads)
+        with phase("evaluate", f"{result.name}: test accuracy with torch, onnxruntime and TVM"):
+            preds = {
+                "torch": predict_torch(result.model, x_test),
+                "onnxruntime": ort.run(None, {onnx_model.input_name: x_test})[0].argmax(1),
+                "tvm": predict_batched(lambda xb: compiled.run({onnx_model.input_name: xb})[0], x_test, batch),
+            }
+            acc = {k: accuracy(p, y_test) for k, p in preds.items()}
+            agree = {k: agreement(p, preds["torch"]) for k, p in preds.items() if k != "torch"}
+            say("  " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+        with phase("measure", f"{result.name}: batch {batch}, {cfg.measure.repeat} calls each"):
+            feeds = {onnx_model.input_name: bench_x}
+            stats = measure_interleaved({"tvm": compiled.bind(feeds),
+                                         "onnxruntime": lambda: ort.run(None, feeds)},
+                                        cfg.measure.warmup, cfg.measure.repeat, cfg.measure.rounds,
+                                        desc=f"latency {result.name}")
+            say("  " + ", ".join(f"{k} {s.median:.3f} ms (p90 {s.p90:.3f})" for k, s in stats.items()))
+        report_variants.append(Variant(
+            name=result.name,
+            method="dense" if result.name == "dense" else cfg.prune.method,
+            target_sparsity=result.target_sparsity,
+            sparsity=result.sparsity,
+            accuracy=acc,
+            agreement=agree,
+            latency_ms={k: s.to_json() for k, s in stats.items()},
+            layers=[layer.to_json() for layer in result.layers],
+            files={"checkpoint": f"variants/{result.name}/model.pt", "onnx": f"variants/{result.name}/model.onnx",
+                   "tvm": f"variants/{result.name}/tvm"},
+            checks={"export_max_abs_diff": onnx_model.max_abs_diff,
+                    "compile": [vars(c) for c in compiled.info.checks]},
+        ))
+
+    report = Report(
+        pipeline=cfg.name,
+        target={"name": target.name, "tvm": compiled.info.tvm_target, "threads": threads},
+        tvm_version=compiled.info.tvm_version,
+        batch_size=batch,
+        variants=report_variants,
+        pipeline_file=source,
+        prune2tvm_version=prune2tvm.__version__,
+        torch_version=torch.__version__,
+        onnxruntime_version=onnxruntime.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        notes=["TVM builds use dense kernels with TVM's default (untuned) schedules; "
+               "the BSR rewrite and autotuning are not applied in this run."],
+        config=cfg.to_dict(),
+    )
+    with phase("report", "report.json, report.md, accuracy_vs_latency.png"):
+        write_report(report, stage)
+
+
+def _save_checkpoint(model, path: Path) -> None:
+    """A plain state dict (loadable with ``torch.load(..., weights_only=True)``)."""
+    import torch
+
+    from prune2tvm.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)

@@ -1,0 +1,1 @@
+"""Pruning: schedules, masks that hold through fine-tuning, and the methods built on them."""

@@ -1,0 +1,81 @@
+"""Training and evaluation loops for the classifiers (seeded, deterministic on one machine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from prune2tvm.config import TrainConfig
+from prune2tvm.data import Split
+from prune2tvm.progress import bar
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    val_accuracy: float
+
+
+def train_epochs(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, epochs: int, seed: int,
+                 optimizer: torch.optim.Optimizer, desc: str,
+                 before_epoch: Callable[[int], None] | None = None,
+                 after_step: Callable[[], None] | None = None,
+                 before_step: Callable[[], None] | None = None) -> list[EpochLog]:
+    """Minibatch training with a seeded shuffle; hooks let pruning act around each step."""
+    x = torch.from_numpy(train.x)
+    y = torch.from_numpy(train.y)
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    logs = []
+    for epoch in bar(range(epochs), desc=desc, total=epochs, unit="epoch"):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        model.train()
+        order = torch.randperm(len(y), generator=generator)
+        total = 0.0
+        for start in range(0, len(y), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            if before_step is not None:
+                before_step()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            total += loss.item() * len(idx)
+        logs.append(EpochLog(epoch, total / len(y), accuracy(predict_torch(model, val.x), val.y)))
+    return logs
+
+
+@torch.no_grad()
+def predict_torch(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class predictions (argmax of the logits) for every row of ``x``."""
+    model.eval()
+    preds = [model(torch.from_numpy(x[i:i + batch_size])).argmax(1).numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(preds)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float((predictions == labels).mean())

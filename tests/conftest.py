@@ -1,0 +1,33 @@
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PRUNE2TVM_NO_PROGRESS", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A pipeline small enough for tests (an MLP, few epochs), still going through every stage.
+TINY_PIPELINE = textwrap.dedent("""\
+    version: 1
+    name: tiny
+    seed: 3
+    model: {name: mlp}
+    train: {epochs: 6, batch_size: 64, lr: 0.003}
+    prune: {sparsities: [0.5, 0.8], start_epoch: 0, end_epoch: 2, frequency: 1, fine_tune_epochs: 4}
+    measure: {batch_size: 4, warmup: 2, repeat: 10, rounds: 2}
+""")
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_PIPELINE)
+    return path
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path

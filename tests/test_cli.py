@@ -1,0 +1,148 @@
+"""The CLI through click's CliRunner: every verb answers --help, bad input gets one line."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from prune2tvm.cli import cli
+from conftest import write_yaml
+
+VERBS = ["run", "prune", "export", "compile", "tune", "bench", "report", "targets", "targets list",
+         "targets show", "pipelines", "pipelines list", "pipelines show", "env"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result, *parts, code=2):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb):
+    result = invoke(*verb.split(), "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_run_missing_pipeline_file(tmp_path):
+    result = invoke("run", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "missing.yaml: no such file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_unknown_key(tmp_path):
+    path = write_yaml(tmp_path, "name: x\nmodle: {name: cnn}\n")
+    result = invoke("run", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, str(path), "modle: unknown key", "valid keys:", "model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_bad_sparsity(tmp_path):
+    path = write_yaml(tmp_path, "name: x\nprune: {sparsities: [0.5, 1.5]}\n")
+    result = invoke("run", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "prune.sparsities[1]: 1.5 is out of range; valid: 0.0 <= value < 1.0")
+
+
+def test_run_unknown_target(tiny_pipeline, tmp_path):
+    result = invoke("run", str(tiny_pipeline), "--target", "tpu9", "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "unknown target 'tpu9'", "valid targets: aarch64, cuda, x86, x86-avx512")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_on_a_target_that_cannot_run_here(tiny_pipeline, tmp_path):
+    result = invoke("run", str(tiny_pipeline), "--target", "aarch64", "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "target aarch64 cannot be evaluated on this machine")
+
+
+def test_run_unwritable_output_directory(tiny_pipeline, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = invoke("run", str(tiny_pipeline), "-o", str(blocker / "out"))
+    assert_one_line_error(result, f"cannot write to directory {blocker}")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["--debug", "run", str(tmp_path / "missing.yaml")])
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "ConfigError"
+
+
+@pytest.mark.parametrize("verb, issue", [("tune", "#5"), ("prune", "#4")])
+def test_later_stages_say_so_and_fail(verb, issue):
+    result = invoke(verb)
+    assert_one_line_error(result, f"arrives with issue {issue}")
+
+
+def test_targets_list_and_show():
+    result = invoke("targets", "list")
+    assert result.exit_code == 0
+    rows = {line.split()[0]: line for line in result.output.splitlines()}
+    assert set(rows) == {"aarch64", "cuda", "x86", "x86-avx512"}
+    assert "runs here" in rows["x86"] and "build only" in rows["cuda"]
+    show = invoke("targets", "show", "x86")
+    assert show.exit_code == 0
+    resolved = json.loads(show.output.split("resolved tvm target: ")[1].splitlines()[0])
+    assert resolved["kind"] == "llvm" and resolved["mcpu"] not in ("auto", "")
+    assert_one_line_error(invoke("targets", "show", "nope"), "unknown target 'nope'")
+
+
+def test_pipelines_list_and_show():
+    result = invoke("pipelines", "list")
+    assert result.exit_code == 0 and result.output.startswith("digits")
+    show = invoke("pipelines", "show", "digits")
+    assert show.exit_code == 0 and "sparsities: [0.5, 0.8]" in show.output and "lr: 0.002" in show.output
+
+
+def test_env_reports_versions_and_tools():
+    result = invoke("env")
+    assert result.exit_code == 0
+    fields = {line[:18].strip(): line[18:].strip() for line in result.output.splitlines()}
+    assert fields["tvm"] == "0.27.0.post1" and fields["torch"].startswith("2.13.0")
+    for key in ("python", "onnx", "onnxruntime", "cpu features", "nvcc", "llvm host cpu"):
+        assert fields.get(key), key
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file (expected ONNX model)"),
+    (b"", "empty file (expected ONNX model)"),
+    (b"\x00\xffthis is not protobuf at all\xff" * 10, "not a readable ONNX model"),
+])
+def test_compile_bad_model_files(tmp_path, content, message):
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    result = invoke("compile", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_needs_a_run_directory(tmp_path):
+    assert_one_line_error(invoke("report", str(tmp_path)), "no report.json here")
+    (tmp_path / "report.json").write_text("{not json")
+    assert_one_line_error(invoke("report", str(tmp_path)), "not a valid prune2tvm report")
+
+
+def test_export_refuses_unsafe_and_mismatched_checkpoints(tmp_path):
+    import pickle
+
+    import torch
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(type("Evil", (), {"__reduce__": lambda self: (print, ("pwned",))})()))
+    result = invoke("export", str(evil), "--model", "mlp", "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(result, "not a safe state-dict checkpoint")
+    assert "pwned" not in result.output
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"0.weight": torch.zeros(3, 3)}, wrong)
+    result = invoke("export", str(wrong), "--model", "mlp", "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(result, "checkpoint does not fit the model: missing 1.weight")
+    assert not (tmp_path / "m.onnx").exists()
