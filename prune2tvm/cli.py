@@ -132,25 +132,59 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
               help="Batch size the build is specialised for (the ONNX batch dimension).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
               help="Static shape of an input (overrides --batch-size for that input); repeatable.")
+@click.option("--bsr", "block_rows", type=int, default=None,
+              help="Block rows R (output channels, the N of 1xN): rewrite block-sparse layers into BSR kernels.")
+@click.option("--bsc", "block_cols", type=int, default=1, show_default=True, help="Block columns C (inputs).")
+@click.option("--sparsity", "threshold", default="0.5", show_default=True,
+              help="A layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], output: str,
-             force: bool) -> None:
-    """Compile an ONNX model with TVM (dense kernels), check it against onnxruntime, save it."""
+def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None,
+             block_cols: int, threshold: str, output: str, force: bool) -> None:
+    """Compile an ONNX model with TVM, rewriting block-sparse layers into BSR kernels (with
+    --bsr), check it against onnxruntime, and save it."""
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
     _require_file(model, "ONNX model")
+    sparsify = _sparsify_options(block_rows, block_cols, threshold)
     tgt = load_target(target or DEFAULT_TARGET)
     shapes = _input_shapes(model, batch_size, input_shapes)
     from prune2tvm.compile import compile_onnx
 
     with staged_dir(output, force=force, what="a compiled model") as stage:
-        compiled = compile_onnx(model, tgt, shapes)
+        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify)
         compiled.save(stage)
+    if compiled.info.layers:
+        from prune2tvm.report.write import render_layer_table
+
+        click.echo(render_layer_table(compiled.info.layers))
     status = "verified against onnxruntime" if compiled.info.verified else compiled.info.not_verified_reason
     worst = max((c.max_abs_diff for c in compiled.info.checks), default=None)
     click.echo(f"wrote {output} ({status}" + (f", max abs diff {worst:.2e})" if worst is not None else ")"))
+
+
+def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str):
+    """--bsr/--bsc/--sparsity -> SparsifyOptions, or None for a dense build."""
+    if block_rows is None:
+        if block_cols != 1:
+            raise InputError("--bsc needs --bsr (the block rows); e.g. --bsr 4 --bsc 1")
+        return None
+    for option, value in (("--bsr", block_rows), ("--bsc", block_cols)):
+        if value < 1:
+            raise InputError(f"{option} {value} is not a valid block size; valid: a positive integer")
+    if threshold == "auto":
+        raise UnsupportedError("--sparsity auto (measuring dense against BSR per layer) is not available yet; "
+                               "give a threshold in [0, 1]")
+    try:
+        value = float(threshold)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"--sparsity {threshold} is not valid; valid: a number in [0, 1] or auto")
+    from prune2tvm.compile.build import SparsifyOptions
+
+    return SparsifyOptions((block_rows, block_cols), value)
 
 
 def _require_file(path: str, what: str) -> None:

@@ -268,8 +268,23 @@ class ExportConfig:
 
 
 @dataclass
+class BsrConfig:
+    """Rewrite layers whose fraction of all-zero R x C blocks is at least ``threshold``
+    into BSR kernels (``prune2tvm compile --bsr R --bsc C --sparsity S``)."""
+
+    block: list[int] = field(default_factory=lambda: [4, 1])
+    threshold: float = 0.5
+
+    def check(self, where: str) -> None:
+        if len(self.block) != 2 or any(b < 1 for b in self.block):
+            raise ConfigError(f"{where}block: {self.block} is not valid; valid: [R, C], two positive integers")
+        _in_range(f"{where}threshold", self.threshold, 0.0, 1.0)
+
+
+@dataclass
 class CompileConfig:
     target: str = DEFAULT_TARGET
+    bsr: Optional[BsrConfig] = None  # null: every layer stays dense
 
 
 @dataclass

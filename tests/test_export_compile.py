@@ -74,6 +74,8 @@ def test_compile_needs_static_shapes_and_known_input_names(pruned_cnn_onnx):
         compile_onnx(result.path, target, {})
     with pytest.raises(InputError, match="no input named images; its inputs: input"):
         compile_onnx(result.path, target, {"images": [1, 1, 8, 8]})
+    with pytest.raises(InputError, match=r"has shape \[None, 1, 8, 8\] in the model; cannot build it for \[1, 3, 8, 8\]"):
+        compile_onnx(result.path, target, {"input": [1, 3, 8, 8]})
 
 
 def test_a_build_that_disagrees_with_onnxruntime_is_refused(pruned_cnn_onnx, monkeypatch):

@@ -2,8 +2,8 @@
 
 The phases, in order (each logged with its duration):
   import    ONNX -> Relax IRModule, input shapes made static (frontend.py)
-  sparsify  BSR rewrite of block-sparse dense/conv layers -- arrives with issue #3; until
-            then every layer is built with TVM's dense kernels
+  sparsify  with SparsifyOptions: block-sparse layers -> BSR kernels (passes/), per-layer
+            decisions kept in the build's info; without, every layer stays dense
   build     tvm.compile for the target (untuned default schedules; tuning is issue #5)
   verify    run the build and onnxruntime on the same inputs; a miss raises, nothing is kept
 """
@@ -30,7 +30,7 @@ from prune2tvm.config import TargetConfig
 from prune2tvm.errors import BuildError, InputError, NumericalMismatchError, UnsupportedError
 from prune2tvm.fsutil import atomic_path, sha256_file, write_json
 from prune2tvm.onnxrt import compare, session
-from prune2tvm.progress import phase
+from prune2tvm.progress import phase, say
 
 LIBRARY_NAME = "model.so"
 INFO_NAME = "compile.json"
@@ -51,6 +51,22 @@ class Check:
     tolerance: float
 
 
+@dataclass(frozen=True)
+class SparsifyOptions:
+    """``--bsr R --bsc C --sparsity S``: a layer whose fraction of all-zero R x C blocks is at
+    least ``threshold`` becomes a BSR kernel; the others stay dense."""
+
+    block: tuple[int, int] = (4, 1)
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        rows, cols = self.block
+        if not (isinstance(rows, int) and isinstance(cols, int) and rows >= 1 and cols >= 1):
+            raise InputError(f"block {rows}x{cols} is not valid; valid: positive integers, e.g. --bsr 4 --bsc 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InputError(f"sparsity threshold {self.threshold} is out of range; valid: 0 <= S <= 1")
+
+
 @dataclass
 class CompileInfo:
     target: dict  # the TargetConfig as loaded
@@ -64,6 +80,8 @@ class CompileInfo:
     verified: bool = False
     not_verified_reason: str = ""
     device_code: str = ""  # how the device code was checked (cuda: nvcc on the generated source)
+    sparsify: dict | None = None  # SparsifyOptions used, or None for a dense build
+    layers: list[dict] = field(default_factory=list)  # one LayerDecision per weight layer
     format_version: int = COMPILE_FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -172,7 +190,7 @@ def _flatten(out) -> list:
 
 def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
                  real_feeds: dict[str, np.ndarray] | None = None, seed: int = 0,
-                 rtol: float = 1e-4, atol: float = 1e-5) -> CompiledModel:
+                 rtol: float = 1e-4, atol: float = 1e-5, sparsify: SparsifyOptions | None = None) -> CompiledModel:
     """Import, build and (where the target runs here) verify against onnxruntime."""
     from prune2tvm.export.onnx_export import read_onnx_io
 
@@ -186,10 +204,20 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
         shape = input_shapes.get(name, dims)
         if shape is None or any(d is None or d <= 0 for d in shape):
             raise InputError(f"{onnx_path}: input {name!r} has dynamic shape {dims}; give a static shape for it")
+        if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
+            raise InputError(f"{onnx_path}: input {name!r} has shape {dims} in the model; cannot build it for "
+                             f"{list(shape)} (only dynamic dimensions can be set)")
         specs.append(InputSpec(name, [int(d) for d in shape]))
 
     with phase("import", f"{Path(onnx_path).name} with {', '.join(f'{s.name}{s.shape}' for s in specs)}"):
         mod = import_onnx(onnx_path, {s.name: s.shape for s in specs})
+    layers = []
+    if sparsify is not None:
+        with phase("sparsify", f"{sparsify.block[0]}x{sparsify.block[1]} blocks, threshold {sparsify.threshold:g}"):
+            mod, decisions = sparsify_module(mod, onnx_path, target, sparsify)
+            layers = [d.to_json() for d in decisions]
+            bsr = sum(d.kind == "bsr" for d in decisions)
+            say(f"  {bsr} of {len(decisions)} weight layers rewritten to BSR")
     target_dict = resolved_target_dict(target)
     with phase("build", f"target {target.name}: {json.dumps(target_dict)}"):
         try:
@@ -198,12 +226,46 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise BuildError(f"TVM cannot build {Path(onnx_path).name} for {target.name}: {last}") from None
     info = CompileInfo(target=target.to_dict(), tvm_target=target_dict, inputs=specs, outputs=outputs,
-                       onnx_sha256=sha256_file(onnx_path))
+                       onnx_sha256=sha256_file(onnx_path), layers=layers,
+                       sparsify=None if sparsify is None else asdict(sparsify))
     if target.kind == "cuda":
         info.device_code = check_cuda_source(executable, target)
     compiled = CompiledModel(executable, target, info)
     verify_against_onnxruntime(compiled, onnx_path, real_feeds, seed, rtol, atol)
     return compiled
+
+
+def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptions):
+    """Run the BSR rewrite passes with the kernels for the target."""
+    import onnx
+
+    from prune2tvm.compile.frontend import WeightNames
+    from prune2tvm.compile.kernels.bsr_matmul import BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda
+    from prune2tvm.compile.passes.sparsify_dense import sparsify_dense
+
+    names = WeightNames(onnx.load(str(onnx_path)))
+    if target.kind == "cuda":
+        def kernel(rows, bsr):
+            return bsr_matmul_cuda(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb))
+    else:
+        lanes = simd_lanes(target)
+
+        def kernel(rows, bsr):
+            return bsr_matmul_cpu(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes)
+
+    return sparsify_dense(mod, options.block, options.threshold, kernel, names.lookup)
+
+
+def simd_lanes(target: TargetConfig) -> int:
+    """float32 lanes of the target CPU's widest vectors (AVX-512: 16, AVX2: 8, NEON/SSE: 4)."""
+    from tvm.target import codegen
+
+    t = tvm_target(target)
+    if codegen.llvm_cpu_has_features("avx512f", t):
+        return 16
+    if codegen.llvm_cpu_has_features("avx2", t) or codegen.llvm_cpu_has_features("avx", t):
+        return 8
+    return 4
 
 
 def check_cuda_source(executable, target: TargetConfig) -> str:
@@ -219,7 +281,7 @@ def check_cuda_source(executable, target: TargetConfig) -> str:
     arch = str(target.tvm.get("arch", ""))
     if shutil.which("nvcc") is None:
         return f"not checked: nvcc is not installed (kernels compile for {arch} when loaded on the GPU)"
-    sources = [m.inspect_source("cu") for m in _walk_modules(executable.mod) if m.kind == "cuda"]
+    sources = cuda_sources(executable)
     if not sources:
         return "no CUDA kernels"
     with phase("nvcc", f"compile {len(sources)} CUDA module(s) for {arch}"):
@@ -233,10 +295,14 @@ def check_cuda_source(executable, target: TargetConfig) -> str:
     return f"generated CUDA source compiled with nvcc for {arch}"
 
 
-def _walk_modules(module):
-    yield module
-    for sub in module.imports:
-        yield from _walk_modules(sub)
+def cuda_sources(executable) -> list[str]:
+    """The CUDA C source of every CUDA module in a build."""
+    def walk(module):
+        yield module
+        for sub in module.imports:
+            yield from walk(sub)
+
+    return [m.inspect_source("") for m in walk(executable.mod) if m.kind == "cuda"]
 
 
 def verify_against_onnxruntime(compiled: CompiledModel, onnx_path: str | os.PathLike,

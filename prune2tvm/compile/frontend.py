@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import tvm
 from tvm.relax.frontend import onnx as relax_onnx
 from tvm.relax.frontend.onnx import onnx_frontend
@@ -48,3 +50,43 @@ def unsupported_ops(model) -> list[str]:
 
     walk(model.graph)
     return sorted(op for op in seen if op not in table)
+
+
+class WeightNames:
+    """Names layers by their weights: the ONNX initializer (e.g. ``fc1.weight``) that holds the
+    same values as a constant in the Relax module, with the layer's position in the graph.
+
+    The importer keeps weights as anonymous constants; matching values gives users the names
+    they know in the per-layer table. Weights are compared in [N, K] form (output channels
+    first; a conv's [O, I, KH, KW] flattened to [O, I*KH*KW]).
+    """
+
+    def __init__(self, model) -> None:
+        from onnx import numpy_helper
+
+        inits = {i.name: i for i in model.graph.initializer}
+        self._by_key: dict[str, list[tuple[int, str]]] = {}
+        for position, node in enumerate(model.graph.node):
+            if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in inits:
+                continue
+            array = numpy_helper.to_array(inits[node.input[1]])
+            if node.op_type == "MatMul" and array.ndim == 2:
+                array = array.T
+            elif node.op_type == "Gemm":
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                array = array if trans_b else array.T
+            elif node.op_type == "Conv":
+                array = array.reshape(array.shape[0], -1)
+            self._by_key.setdefault(self.key(array), []).append((position, node.input[1]))
+
+    @staticmethod
+    def key(array: np.ndarray) -> str:
+        import hashlib
+
+        array = np.ascontiguousarray(array)
+        return f"{array.shape}:{array.dtype}:{hashlib.sha1(array.tobytes()).hexdigest()}"
+
+    def lookup(self, weight_nk: np.ndarray) -> tuple[int, str] | None:
+        """(graph position, initializer name) of a weight; identical weights are named in turn."""
+        found = self._by_key.get(self.key(weight_nk))
+        return found.pop(0) if found else None

@@ -24,6 +24,7 @@ class Variant:
     layers: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # relative to the run directory
     checks: dict = field(default_factory=dict)  # numerical checks: export and compile
+    compiled_layers: list[dict] = field(default_factory=list)  # per weight layer: dense or BSR, and why
 
     def speedup(self) -> float | None:
         """onnxruntime median / TVM median."""

@@ -52,6 +52,8 @@ def render_markdown(report: Report) -> str:
     if report.notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in report.notes]
     for v in report.variants:
+        if v.compiled_layers:
+            lines += ["", f"## {v.name}: TVM kernels per layer", "", render_layer_table(v.compiled_layers)]
         if not v.layers:
             continue
         lines += ["", f"## {v.name}: per-layer sparsity", "", "| layer | shape | zeros / weights | sparsity % |",
@@ -60,6 +62,17 @@ def render_markdown(report: Report) -> str:
             shape = "x".join(str(d) for d in layer["shape"])
             lines.append(f"| {layer['name']} | {shape} | {layer['zeros']} / {layer['numel']} | {_pct(layer['sparsity'])} |")
     return "\n".join(lines) + "\n"
+
+
+def render_layer_table(layers: list[dict]) -> str:
+    """The per-layer compile decisions: layer, weight shape, block sparsity, dense or BSR, why."""
+    lines = ["| layer | weight [N, K] | block | block sparsity % | kernel | why |", "|---|---|---|---:|---|---|"]
+    for layer in layers:
+        shape = "x".join(str(d) for d in layer["weight_shape"])
+        block = "x".join(str(d) for d in layer["block"])
+        sparsity = "-" if layer["block_sparsity"] is None else f"{100 * layer['block_sparsity']:.1f}"
+        lines.append(f"| {layer['name']} | {shape} | {block} | {sparsity} | {layer['kind'].upper()} | {layer['reason']} |")
+    return "\n".join(lines)
 
 
 def write_plot(report: Report, path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Relax passes of prune2tvm, one transform per file."""

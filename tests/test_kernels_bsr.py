@@ -1,0 +1,105 @@
+"""BSR kernels against their numpy reference, on shapes and sparsity patterns that break
+naive kernels: empty block rows, no nonzero block at all, fully dense, batch sizes that are
+not multiples of the vector width."""
+
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from hypothesis import given, settings, strategies as st
+
+from prune2tvm.compile.build import cuda_sources
+from prune2tvm.compile.kernels.bsr_matmul import GEMV_MAX_ROWS, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda
+from prune2tvm.sparse import BsrMatrix, block_sparsity, bsr_matmul_reference
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("target.llvm_get_system_cpu")()})
+
+
+def block_sparse_weight(rng, n, k, block, sparsity, empty_rows=()):
+    r, c = block
+    keep = rng.random((n // r, k // c)) >= sparsity
+    for row in empty_rows:
+        keep[row] = False
+    return (rng.standard_normal((n, k)) * np.repeat(np.repeat(keep, r, 0), c, 1)).astype(np.float32)
+
+
+def run_cpu(x, bsr, lanes=16):
+    m, k = x.shape
+    func = bsr_matmul_cpu(BsrMatmulShape(m, k, bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+    args = [tvm.runtime.tensor(a) for a in (x, *bsr.kernel_arrays())]
+    out = tvm.runtime.empty((m, bsr.shape[0]), "float32")
+    lib["main"](*args, out)
+    return out.numpy()
+
+
+def test_bsr_matrix_round_trip_and_block_sparsity():
+    rng = np.random.default_rng(0)
+    w = block_sparse_weight(rng, 16, 12, (4, 2), 0.6, empty_rows=[1])
+    bsr = BsrMatrix.from_dense(w, (4, 2))
+    assert np.array_equal(bsr.to_dense(), w)
+    assert bsr.indptr[2] == bsr.indptr[1]  # block row 1 is empty
+    assert bsr.block_sparsity == pytest.approx(block_sparsity(w, (4, 2)))
+    assert bsr.block_sparsity == pytest.approx(1 - bsr.nnzb / (4 * 6))
+    with pytest.raises(ValueError, match="not divisible"):
+        BsrMatrix.from_dense(w, (5, 1))
+
+
+@pytest.mark.parametrize("m, k, n, block, sparsity, lanes", [
+    (1, 64, 32, (4, 1), 0.9, 16),   # batch 1 (GEMV path)
+    (1, 48, 64, (16, 1), 0.5, 16),
+    (3, 40, 24, (8, 2), 0.7, 8),
+    (GEMV_MAX_ROWS, 32, 32, (1, 1), 0.9, 16),
+    (5, 64, 32, (4, 1), 0.8, 16),   # GEMM path, fewer rows than one vector
+    (17, 64, 32, (4, 1), 0.8, 16),  # rows not a multiple of the vector width
+    (33, 40, 24, (2, 4), 0.6, 8),
+    (128, 96, 64, (16, 1), 0.9, 16),
+    (7, 32, 16, (1, 1), 0.0, 16),   # fully dense
+    (1, 32, 16, (1, 1), 0.0, 16),
+])
+def test_cpu_kernels_match_numpy(m, k, n, block, sparsity, lanes):
+    rng = np.random.default_rng(m * 1000 + k)
+    w = block_sparse_weight(rng, n, k, block, sparsity)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bsr = BsrMatrix.from_dense(w, block)
+    expected = bsr_matmul_reference(x, bsr)
+    np.testing.assert_allclose(expected, x @ w.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_cpu(x, bsr, lanes), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_cpu_kernels_with_empty_block_rows_and_no_blocks_at_all(m):
+    rng = np.random.default_rng(5)
+    w = block_sparse_weight(rng, 32, 16, (4, 1), 0.5, empty_rows=[0, 3, 7])
+    x = rng.standard_normal((m, 16)).astype(np.float32)
+    out = run_cpu(x, BsrMatrix.from_dense(w, (4, 1)))
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-4, atol=1e-4)
+    assert not out[:, 0:4].any() and not out[:, 28:32].any()
+    empty = BsrMatrix.from_dense(np.zeros((32, 16), np.float32), (4, 1))
+    assert empty.nnzb == 0 and not run_cpu(x, empty).any()
+
+
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 20), kb=st.integers(1, 6), nb=st.integers(1, 6),
+       block=st.sampled_from([(1, 1), (4, 1), (2, 2), (8, 1), (1, 4)]), sparsity=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_random_block_sparse_matrices_match_numpy(m, kb, nb, block, sparsity, seed):
+    rng = np.random.default_rng(seed)
+    n, k = nb * block[0], kb * block[1]
+    w = block_sparse_weight(rng, n, k, block, sparsity)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    np.testing.assert_allclose(run_cpu(x, BsrMatrix.from_dense(w, block)), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed, so CUDA kernels cannot be compiled here")
+def test_cuda_kernel_builds_and_compiles_with_nvcc():
+    from tvm.support import nvcc
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host={"kind": "llvm"})
+    func = bsr_matmul_cuda(BsrMatmulShape(7, 64, 32, (4, 1), 20))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    (source,) = cuda_sources(lib)
+    assert "blockIdx.x" in source and "threadIdx.x" in source
+    with target:
+        assert nvcc.compile_cuda(source, target_format="fatbin", arch="sm_80", compiler="nvcc")

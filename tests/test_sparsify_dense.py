@@ -1,0 +1,171 @@
+"""The dense -> BSR rewrite: structure of the rewritten module, decisions, and numerical
+equality with onnxruntime."""
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import tvm
+from click.testing import CliRunner
+from torch import nn
+from tvm import relax
+
+from prune2tvm.cli import cli
+from prune2tvm.compile import compile_onnx
+from prune2tvm.compile.build import SparsifyOptions, sparsify_module
+from prune2tvm.compile.frontend import import_onnx
+from prune2tvm.config import load_target
+from prune2tvm.onnxrt import session
+
+
+class Mixed(nn.Module):
+    """3x3 conv, depthwise conv, 1x1 conv with a residual add, then two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = y + self.pw(torch.relu(self.dw(y)))
+        y = torch.relu(self.fc1(y.flatten(1)))
+        return self.head(torch.relu(self.fc2(y)))
+
+
+def prune_blocks(layer: nn.Linear, block: int, sparsity: float, seed: int) -> None:
+    n, k = layer.weight.shape
+    keep = torch.rand(n // block, k, generator=torch.Generator().manual_seed(seed)) >= sparsity
+    with torch.no_grad():
+        layer.weight.mul_(keep.repeat_interleave(block, 0))
+
+
+@pytest.fixture(scope="module")
+def mixed_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    prune_blocks(model.fc1, 4, 0.8, 1)
+    prune_blocks(model.fc2, 4, 0.6, 2)
+    path = tmp_path_factory.mktemp("mixed") / "mixed.onnx"
+    torch.onnx.export(model, torch.randn(2, 4, 4, 4), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    return path
+
+
+def ops_in(func: relax.Function) -> list[str]:
+    names = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.append(expr.op.name)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return names
+
+
+def test_rewrite_replaces_sparse_matmuls_with_bsr_kernel_calls(mixed_onnx):
+    target = load_target("x86")
+    mod = import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})
+    assert ops_in(mod["main"]).count("relax.matmul") == 3
+    new, decisions = sparsify_module(mod, mixed_onnx, target, SparsifyOptions((4, 1), 0.5))
+    assert [(d.name, d.kind) for d in decisions] == [("fc1.weight", "bsr"), ("fc2.weight", "bsr"), ("head.weight", "dense")]
+    assert decisions[0].block_sparsity == pytest.approx(0.8, abs=0.05)
+    assert decisions[2].reason == "[10, 12] does not divide into 4x1 blocks; left dense"
+    ops = ops_in(new["main"])
+    assert ops.count("relax.matmul") == 1 and ops.count("relax.call_tir") == 2
+    assert ops.count("relax.nn.conv2d") == 3  # convs stay dense (their rewrite is separate)
+    kernels = [f for f in new.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 2 and all(f.attrs["tirx.is_scheduled"] for f in kernels)
+    calls = []
+    relax.analysis.post_order_visit(new["main"].body, lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir" else None)
+    arg_shapes = [[[int(d) for d in a.ty.shape] for a in call.args[1].fields] for call in calls]
+    assert [shapes[0] for shapes in arg_shapes] == [[2, 128], [2, 64]]  # activations
+    assert all(shapes[1][1:] == [4, 1] for shapes in arg_shapes)  # the kept 4x1 blocks
+    assert arg_shapes[0][3] == [64 // 4 + 1]  # indptr: one entry per block row, plus one
+
+
+def test_nothing_sparse_enough_leaves_the_module_as_it_was(mixed_onnx):
+    mod = import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})
+    new, decisions = sparsify_module(mod, mixed_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.95))
+    tvm.ir.assert_structural_equal(new["main"], import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})["main"])
+    assert all(d.kind == "dense" for d in decisions)
+    assert decisions[0].reason.startswith("block sparsity 0.") and "< threshold 0.95" in decisions[0].reason
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9])
+def test_rewritten_model_matches_onnxruntime(mixed_onnx, batch):
+    compiled = compile_onnx(mixed_onnx, load_target("x86"), {"input": [batch, 4, 4, 4]},
+                            sparsify=SparsifyOptions((4, 1), 0.5))
+    assert compiled.info.verified and [d["kind"] for d in compiled.info.layers] == ["bsr", "bsr", "dense"]
+    x = np.random.default_rng(batch).standard_normal((batch, 4, 4, 4)).astype(np.float32)
+    expected = session(mixed_onnx).run(None, {"input": x})[0]
+    np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+class Tokens(nn.Module):
+    """A transformer-like block: 3-D activations, and an activation x activation product."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x)))
+        return h @ h.transpose(1, 2)
+
+
+def test_batched_3d_activations_and_non_constant_weights(tmp_path):
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    prune_blocks(model.up, 8, 0.9, 3)
+    prune_blocks(model.down, 8, 0.7, 4)
+    path = tmp_path / "tokens.onnx"
+    torch.onnx.export(model, torch.randn(1, 16, 32), str(path), dynamo=False, opset_version=17, input_names=["input"])
+    compiled = compile_onnx(path, load_target("x86"), {"input": [1, 16, 32]}, sparsify=SparsifyOptions((8, 1), 0.5))
+    kinds = [(d["kind"], d["reason"].split(";")[0]) for d in compiled.info.layers]
+    assert kinds[:2] == [("bsr", kinds[0][1]), ("bsr", kinds[1][1])]
+    assert kinds[2] == ("dense", "weight is not a constant (an activation)")
+    x = np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed, so CUDA kernels cannot be compiled here")
+def test_cuda_build_of_a_bsr_model(mixed_onnx, tmp_path):
+    compiled = compile_onnx(mixed_onnx, load_target("cuda"), {"input": [1, 4, 4, 4]}, sparsify=SparsifyOptions((4, 1), 0.5))
+    assert [d["kind"] for d in compiled.info.layers] == ["bsr", "bsr", "dense"]
+    assert compiled.info.device_code == "generated CUDA source compiled with nvcc for sm_80"
+    compiled.save(tmp_path / "cuda")
+    assert (tmp_path / "cuda" / "model.so").stat().st_size > 0
+
+
+def test_compile_cli_prints_the_layer_table(mixed_onnx, tmp_path):
+    result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), "--bsr", "4", "--sparsity", "0.5",
+                                      "-o", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| fc") or line.startswith("| head")]
+    assert len(rows) == 3
+    assert "| BSR |" in rows[0] and "| BSR |" in rows[1] and "| DENSE |" in rows[2]
+    assert "verified against onnxruntime" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bsr", "0"], "--bsr 0 is not a valid block size"),
+    (["--bsr", "4", "--bsc", "-1"], "--bsc -1 is not a valid block size"),
+    (["--bsc", "2"], "--bsc needs --bsr"),
+    (["--bsr", "4", "--sparsity", "1.5"], "--sparsity 1.5 is not valid; valid: a number in [0, 1] or auto"),
+    (["--bsr", "4", "--sparsity", "lots"], "--sparsity lots is not valid"),
+])
+def test_compile_cli_refuses_bad_block_options(mixed_onnx, tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), *args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
