@@ -31,7 +31,8 @@ tune: install
 	$(CLI) tune $(MODEL) --target $(TARGET) $(if $(TRIALS),--trials $(TRIALS))
 
 bench: install
-	$(PY) benchmarks/digits_latency.py
+	PRUNE2TVM_NO_PROGRESS=1 $(PY) benchmarks/digits_latency.py
+	PRUNE2TVM_NO_PROGRESS=1 $(PY) benchmarks/bsr_layers.py
 
 clean:
 	rm -rf runs build *.egg-info prune2tvm.egg-info .pytest_cache .hypothesis

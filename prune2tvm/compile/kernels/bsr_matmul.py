@@ -3,12 +3,14 @@
 Two CPU kernels, chosen by the number of activation rows M:
 
 * few rows (``M <= GEMV_MAX_ROWS``, batch-1 inference): parallel over block rows; for each
-  row of x, the blocks of a block row are summed into ACC independent accumulators (one
-  FMA chain is latency-bound), each vectorised across the R outputs of a block.
+  row of x, the blocks of a block row are summed into A independent accumulators (one
+  FMA chain is latency-bound), each vectorised across the R outputs of a block. (One
+  vector over A*R lanes with a gather of x was tried: 2.7x slower, LLVM does not
+  vectorise the b // R indexing well.)
 * many rows (e.g. 128 tokens): x is packed once into panels of LANES rows, transposed, so
   that one input position of LANES rows is one vector; then in parallel over
-  (block row, panel) pairs, every nonzero weight is broadcast and multiplied into R
-  vector accumulators.
+  (block row, panel tile) pairs, every nonzero weight is broadcast and multiplied into
+  R x U vector accumulators.
 
 The sparsity pattern is data (indices, indptr), not code: baking it into unrolled code was
 measured slower and explodes compile time.
@@ -38,7 +40,7 @@ class BsrMatmulShape:
 
 
 def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4):
-    """The CPU kernel for ``shape``; ``lanes`` is the SIMD width in elements."""
+    """The CPU kernel for ``shape``; ``lanes`` is the SIMD width in float32 elements."""
     if shape.rows <= GEMV_MAX_ROWS:
         return _bsr_gemv(shape, accumulators)
     return _bsr_gemm(shape, lanes)
@@ -83,36 +85,44 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int):
 
 
 def _bsr_gemm(s: BsrMatmulShape, lanes: int):
+    """Each task takes one block row and U panels of V rows: R*U vector accumulators in flight
+    (at least 8, so FMA latency is hidden), each nonzero weight broadcast once per panel."""
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     V = lanes
     P = (M + V - 1) // V  # panels of V rows
-    MP = P * V
+    U = max(1, min(P, 8 // R))  # panels per task
+    PT = (P + U - 1) // U  # panel tiles
+    PP = PT * U  # panels, padded to a whole number of tiles
 
     @T.prim_func(private=True)
     def bsr_gemm(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
                  indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
                  out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        panels = T.alloc_buffer((P, K, V), dtype)
-        for pk in T.parallel(P * K):
+        panels = T.alloc_buffer((PP, K, V), dtype)
+        for pk in T.parallel(PP * K):
             for v in T.vectorized(V):
                 panels[pk // K, pk % K, v] = T.if_then_else(
                     (pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K], T.cast(0, dtype))
-        for ip in T.parallel(NB * P):
-            acc = T.alloc_buffer((R, V), dtype)
-            for r in T.unroll(R):
-                for v in T.vectorized(V):
-                    acc[r, v] = T.cast(0, dtype)
-            for b in range(indptr[ip // P], indptr[ip // P + 1]):
+        for it in T.parallel(NB * PT):
+            acc = T.alloc_buffer((U, R, V), dtype)
+            for u in T.unroll(U):
+                for r in T.unroll(R):
+                    for v in T.vectorized(V):
+                        acc[u, r, v] = T.cast(0, dtype)
+            for b in range(indptr[it // PT], indptr[it // PT + 1]):
                 for c in T.unroll(C):
-                    for r in T.unroll(R):
-                        for v in T.vectorized(V):
-                            acc[r, v] = acc[r, v] + data[b, r, c] * panels[ip % P, indices[b] * C + c, v]
-            for v in range(V):
-                if (ip % P) * V + v < M:
-                    for r in T.vectorized(R):
-                        out[(ip % P) * V + v, (ip // P) * R + r] = acc[r, v]
+                    for u in T.unroll(U):
+                        for r in T.unroll(R):
+                            for v in T.vectorized(V):
+                                acc[u, r, v] = acc[u, r, v] + data[b, r, c] * \
+                                    panels[(it % PT) * U + u, indices[b] * C + c, v]
+            for u in range(U):
+                for v in range(V):
+                    if ((it % PT) * U + u) * V + v < M:
+                        for r in T.vectorized(R):
+                            out[((it % PT) * U + u) * V + v, (it // PT) * R + r] = acc[u, r, v]
 
     return bsr_gemm
 
