@@ -1,7 +1,6 @@
 """End to end: `prune2tvm run` on the embedded digits, and what its report promises."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ equality with onnxruntime."""
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import tvm
