@@ -10,11 +10,8 @@ The phases, in order (each logged with its duration):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,8 +29,7 @@ from prune2tvm.fsutil import atomic_path, sha256_file, write_json
 from prune2tvm.onnxrt import compare, session
 from prune2tvm.progress import phase, say
 
-LIBRARY_NAME = "model.so"
-INFO_NAME = "compile.json"
+from prune2tvm.runtime import INFO_NAME, LIBRARY_NAME, read_build_info, without_native_noise
 COMPILE_FORMAT_VERSION = 1
 
 
@@ -119,17 +115,10 @@ class CompiledModel:
         return self._vm
 
     def _tensors(self, feeds: dict[str, np.ndarray]) -> list:
+        from prune2tvm.runtime import check_feeds
+
         dev = device(self.target)
-        tensors = []
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise InputError(f"missing input {spec.name!r}; the model takes: {', '.join(i.name for i in self.inputs)}")
-            array = np.ascontiguousarray(feeds[spec.name])
-            if list(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
-                raise InputError(f"input {spec.name!r} is {array.dtype}{list(array.shape)}; "
-                                 f"the build takes {spec.dtype}{spec.shape}")
-            tensors.append(tvm.runtime.tensor(array, dev))
-        return tensors
+        return [tvm.runtime.tensor(a, dev) for a in check_feeds([asdict(s) for s in self.inputs], feeds)]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         out = self._machine()["main"](*self._tensors(feeds))
@@ -152,34 +141,11 @@ class CompiledModel:
         with atomic_path(directory / LIBRARY_NAME) as tmp:
             library = tmp.with_suffix(".so")
             fcompile = export_compiler(self.target)
-            with _without_native_noise():
+            with without_native_noise():
                 self._module.export_library(str(library), **({"fcompile": fcompile} if fcompile else {}))
             os.replace(library, tmp)
         write_json(directory / INFO_NAME, self.info.to_json())
         return directory
-
-
-# TVM 0.27's runtime logs "Warning: Scope Saving:" (a leftover debug line) once per virtual
-# device scope whenever a VM executable is saved; it carries no information for users.
-_NATIVE_NOISE = ("Warning: Scope Saving:",)
-
-
-@contextlib.contextmanager
-def _without_native_noise():
-    """Capture what native code writes to fd 2, and pass on all but the known noise."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode(errors="replace").splitlines():
-                if not any(noise in line for noise in _NATIVE_NOISE):
-                    print(line, file=sys.stderr)
 
 
 def _flatten(out) -> list:
@@ -335,21 +301,17 @@ def verify_against_onnxruntime(compiled: CompiledModel, onnx_path: str | os.Path
 def load_compiled(directory: str | os.PathLike, target: TargetConfig | None = None) -> CompiledModel:
     from prune2tvm.config import TargetConfig as _Target, from_dict
 
-    directory = Path(directory)
-    info_path, library = directory / INFO_NAME, directory / LIBRARY_NAME
-    for path in (info_path, library):
-        if not path.is_file():
-            raise InputError(f"{directory}: not a compiled model directory ({path.name} is missing)")
+    data, library = read_build_info(directory)
     try:
-        info = CompileInfo.from_json(json.loads(info_path.read_text()))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise InputError(f"{info_path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if info.tvm_version != tvm.__version__:
-        raise UnsupportedError(f"{directory} was built with TVM {info.tvm_version}; this is TVM {tvm.__version__}")
+        info = CompileInfo.from_json(data)
+    except (TypeError, KeyError) as exc:
+        raise InputError(f"{directory}/{INFO_NAME}: unreadable ({type(exc).__name__}: {exc})") from None
     if target is None:
         saved = {k: v for k, v in info.target.items() if k != "path"}
-        target = from_dict(_Target, saved, f"{info_path}: target.")
+        target = from_dict(_Target, saved, f"{directory}/{INFO_NAME}: target.")
     ok, why = target.runs_here()
     if not ok:
         raise UnsupportedError(f"cannot run {directory} here: {why}")
-    return CompiledModel(tvm.runtime.load_module(str(library)), target, info)
+    with without_native_noise():
+        module = tvm.runtime.load_module(str(library))
+    return CompiledModel(module, target, info)
