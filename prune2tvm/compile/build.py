@@ -202,24 +202,32 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
 
 
 def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptions):
-    """Run the BSR rewrite passes with the kernels for the target."""
+    """Run the BSR rewrite passes (conv2d, then dense) with the kernels for the target."""
     import onnx
 
     from prune2tvm.compile.frontend import WeightNames
+    from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu
     from prune2tvm.compile.kernels.bsr_matmul import BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda
+    from prune2tvm.compile.passes.decisions import in_graph_order
+    from prune2tvm.compile.passes.sparsify_conv2d import sparsify_conv2d
     from prune2tvm.compile.passes.sparsify_dense import sparsify_dense
 
     names = WeightNames(onnx.load(str(onnx_path)))
+    conv_decisions = []
     if target.kind == "cuda":
         def kernel(rows, bsr):
             return bsr_matmul_cuda(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb))
+        # No GPU conv kernel yet: convs stay dense there (dlight schedules them).
     else:
         lanes = simd_lanes(target)
 
         def kernel(rows, bsr):
             return bsr_matmul_cpu(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes)
 
-    return sparsify_dense(mod, options.block, options.threshold, kernel, names.lookup)
+        mod, conv_decisions = sparsify_conv2d(mod, options.block, options.threshold,
+                                              lambda shape: bsr_conv2d_cpu(shape, lanes), lanes, names.lookup)
+    mod, dense_decisions = sparsify_dense(mod, options.block, options.threshold, kernel, names.lookup)
+    return mod, in_graph_order(conv_decisions + dense_decisions)
 
 
 def simd_lanes(target: TargetConfig) -> int:

@@ -66,12 +66,13 @@ def render_markdown(report: Report) -> str:
 
 def render_layer_table(layers: list[dict]) -> str:
     """The per-layer compile decisions: layer, weight shape, block sparsity, dense or BSR, why."""
-    lines = ["| layer | weight [N, K] | block | block sparsity % | kernel | why |", "|---|---|---|---:|---|---|"]
+    lines = ["| layer | op | weight | block | block sparsity % | kernel | why |", "|---|---|---|---|---:|---|---|"]
     for layer in layers:
         shape = "x".join(str(d) for d in layer["weight_shape"])
         block = "x".join(str(d) for d in layer["block"])
         sparsity = "-" if layer["block_sparsity"] is None else f"{100 * layer['block_sparsity']:.1f}"
-        lines.append(f"| {layer['name']} | {shape} | {block} | {sparsity} | {layer['kind'].upper()} | {layer['reason']} |")
+        lines.append(f"| {layer['name']} | {layer['op']} | {shape} | {block} | {sparsity} | {layer['kind'].upper()} "
+                     f"| {layer['reason']} |")
     return "\n".join(lines)
 
 

@@ -85,13 +85,14 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int):
 
 
 def _bsr_gemm(s: BsrMatmulShape, lanes: int):
-    """Each task takes one block row and U panels of V rows: R*U vector accumulators in flight
-    (at least 8, so FMA latency is hidden), each nonzero weight broadcast once per panel."""
+    """Each task takes one block row and U panels of V rows: up to 16 vector accumulators in
+    flight (FMA latency hidden, half of AVX-512's registers), each nonzero weight broadcast
+    once per panel."""
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     V = lanes
     P = (M + V - 1) // V  # panels of V rows
-    U = max(1, min(P, 8 // R))  # panels per task
+    U = max(1, min(P, 16 // R))  # panels per task
     PT = (P + U - 1) // U  # panel tiles
     PP = PT * U  # panels, padded to a whole number of tiles
 

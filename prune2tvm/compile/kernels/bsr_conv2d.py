@@ -1,0 +1,109 @@
+"""Block-sparse conv2d (NCHW) as hand-scheduled TVMScript: a direct "shifted" sparse product.
+
+The weight [O, C, KH, KW] is viewed as a matrix [O, C*KH*KW] (column q = (c, kh, kw)) in
+BSR form with R x CB blocks. Each stored weight multiplies the (already padded) input shifted
+by its (kh, kw): no im2col is materialised. A 1x1 conv is the same kernel with a 1x1 window
+(a sparse matrix times pixels).
+
+In parallel over (image, output row, tile of output columns, block row); each task keeps
+U x R vector accumulators of V output columns in registers, every nonzero weight broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+
+@dataclass(frozen=True)
+class BsrConv2dShape:
+    batch: int
+    in_channels: int
+    padded: tuple[int, int]  # input height and width after padding
+    out_channels: int
+    out: tuple[int, int]  # output height and width
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    block: tuple[int, int]  # (R output channels, CB columns of the [O, C*KH*KW] matrix)
+    nnzb: int
+    dtype: str = "float32"
+
+
+def _tiling(out_width: int, rows: int, lanes: int) -> tuple[int, int, int]:
+    """(V output columns per vector, U vectors per task, UT tasks per output row)."""
+    v = min(lanes, out_width)
+    vectors = (out_width + v - 1) // v
+    u = max(1, min(vectors, 16 // rows))  # up to 16 accumulators (of 32 AVX-512 registers) in flight
+    return v, u, (vectors + u - 1) // u
+
+
+def input_width(s: BsrConv2dShape, lanes: int = 16) -> int:
+    """The padded input width the kernel reads: whole vectors of output columns are computed
+    (the extra ones are never stored), so the input is zero-padded on the right to match."""
+    v, u, ut = _tiling(s.out[1], s.block[0], lanes)
+    return max(s.padded[1], (ut * u * v - 1) * s.stride[1] + (s.kernel[1] - 1) * s.dilation[1] + 1)
+
+
+def column_offsets(s: BsrConv2dShape, indices, lanes: int = 16):
+    """For every stored column of every block, its offset into one padded image (flattened):
+    c*HP*WP + kh*DH*WP + kw*DW. Computed once from the constant weight, so the kernel does no
+    division to find (c, kh, kw)."""
+    import numpy as np
+
+    (kh_size, kw_size), (dh, dw), cb = s.kernel, s.dilation, s.block[1]
+    hp, wp = s.padded[0], input_width(s, lanes)
+    q = (np.asarray(indices, dtype=np.int64)[:, None] * cb + np.arange(cb)[None, :]).reshape(-1)
+    c, kh, kw = q // (kh_size * kw_size), q // kw_size % kh_size, q % kw_size
+    offsets = c * hp * wp + kh * dh * wp + kw * dw
+    return (offsets if offsets.size else np.zeros(cb, np.int64)).astype(np.int32)
+
+
+def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16):
+    """Kernel arguments: the padded input flattened per image [N, CI*HP*WP'] (WP' from
+    ``input_width``), data [nnzb, R, CB], ``column_offsets`` [nnzb*CB], indptr [O/R + 1]."""
+    N, CI, (HP, _), O, (OH, OW) = s.batch, s.in_channels, s.padded, s.out_channels, s.out
+    (SH, SW) = s.stride
+    R, CB = s.block
+    NB, NNZB, dtype = O // R, max(s.nnzb, 1), s.dtype
+    V, U, UT = _tiling(OW, R, lanes)
+    WP = input_width(s, lanes)
+    IMG = CI * HP * WP
+
+    # Tasks run output row by output row, every block row of one output row together: they
+    # read the same few input rows, which stay in cache.
+    @T.prim_func(private=True)
+    def bsr_conv2d(x: T.Buffer((N, IMG), dtype), data: T.Buffer((NNZB, R, CB), dtype),
+                   offsets: T.Buffer((NNZB * CB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
+                   out: T.Buffer((N, O, OH, OW), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for task in T.parallel(N * OH * UT * NB):
+            acc = T.alloc_buffer((U, R, V), dtype)
+            for u in T.unroll(U):
+                for r in T.unroll(R):
+                    for v in T.vectorized(V):
+                        acc[u, r, v] = T.cast(0, dtype)
+            for b in range(indptr[task % NB], indptr[task % NB + 1]):
+                for cc in T.unroll(CB):
+                    for u in T.unroll(U):
+                        for r in T.unroll(R):
+                            for v in T.vectorized(V):
+                                acc[u, r, v] = acc[u, r, v] + data[b, r, cc] * x[
+                                    task // (OH * UT * NB),
+                                    offsets[b * CB + cc] + (task // (UT * NB) % OH) * SH * WP
+                                    + (((task // NB % UT) * U + u) * V + v) * SW]
+            for u in range(U):
+                if ((task // NB % UT) * U + u + 1) * V <= OW:
+                    for r in range(R):
+                        for v in T.vectorized(V):
+                            out[task // (OH * UT * NB), (task % NB) * R + r, task // (UT * NB) % OH,
+                                ((task // NB % UT) * U + u) * V + v] = acc[u, r, v]
+                else:
+                    for r in range(R):
+                        for v in range(V):
+                            if ((task // NB % UT) * U + u) * V + v < OW:
+                                out[task // (OH * UT * NB), (task % NB) * R + r, task // (UT * NB) % OH,
+                                    ((task // NB % UT) * U + u) * V + v] = acc[u, r, v]
+
+    return bsr_conv2d

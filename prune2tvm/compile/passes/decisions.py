@@ -1,0 +1,102 @@
+"""What the sparsify passes record for each weight layer, and helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.relax.dpl import rewrite_call
+
+from prune2tvm.sparse import BsrMatrix, block_sparsity
+
+# Names a layer by its weight as a matrix [N, K]: (graph position, name), or None if unknown.
+LayerNamer = Callable[[np.ndarray], "tuple[int, str] | None"]
+UNKNOWN_POSITION = 10**9
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    op: str  # "dense" (a matmul) or "conv2d"
+    weight_shape: list[int]  # [N, K] for dense; [O, C, KH, KW] for conv2d
+    block: list[int]  # [R, C] over the weight as a matrix [out, in*kh*kw]
+    block_sparsity: float | None  # None when not computed (shape does not divide, not constant...)
+    kind: str  # "bsr" or "dense"
+    reason: str
+    position: int = UNKNOWN_POSITION  # the layer's node index in the ONNX graph
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class DecisionLog:
+    """One decision per call, however often ``rewrite_call`` revisits it.
+
+    rewrite_call repeats until nothing changes, so a call left alone is seen again (as a new
+    object): calls are keyed by structural hash.
+    """
+
+    def __init__(self, names: LayerNamer | None):
+        self._names = names
+        self._seen: dict[int, LayerDecision] = {}
+
+    def seen(self, call: relax.Call) -> bool:
+        return tvm_ffi.structural_hash(call) in self._seen
+
+    def add(self, call: relax.Call, op: str, weight_matrix: np.ndarray | None, shape: list[int],
+            block: tuple[int, int]) -> LayerDecision:
+        found = self._names(weight_matrix) if (self._names and weight_matrix is not None) else None
+        position, name = found if found else (UNKNOWN_POSITION, f"{op}{len(self._seen)}")
+        decision = LayerDecision(name, op, shape, list(block), None, "dense", "", position)
+        self._seen[tvm_ffi.structural_hash(call)] = decision
+        return decision
+
+    def decisions(self) -> list[LayerDecision]:
+        return list(self._seen.values())
+
+
+def decide_bsr(decision: LayerDecision, matrix: np.ndarray, block: tuple[int, int],
+               threshold: float) -> BsrMatrix | None:
+    """The BSR form of a weight matrix [out, in] if it divides into blocks and its block
+    sparsity reaches the threshold; else None, with the reason in ``decision``."""
+    n, k = matrix.shape
+    if n % block[0] or k % block[1]:
+        decision.reason = f"[{n}, {k}] does not divide into {block[0]}x{block[1]} blocks; left dense"
+        return None
+    sparsity = block_sparsity(matrix, block)
+    decision.block_sparsity = sparsity
+    if sparsity < threshold:
+        decision.reason = f"block sparsity {sparsity:.3f} < threshold {threshold:g}"
+        return None
+    decision.kind = "bsr"
+    decision.reason = f"block sparsity {sparsity:.3f} >= threshold {threshold:g}"
+    return BsrMatrix.from_dense(np.ascontiguousarray(matrix), block)
+
+
+def rewrite_functions(mod: tvm.IRModule, builder: relax.BlockBuilder, pattern, rewrite) -> tvm.IRModule:
+    """Apply ``rewrite`` to every Relax function; kernels added to ``builder`` come along."""
+    rewritten = {gv: rewrite_call(pattern, rewrite, func) for gv, func in mod.functions.items()
+                 if isinstance(func, relax.Function)}
+    new_mod = builder.get()
+    for gv, func in rewritten.items():
+        new_mod[gv] = func
+    return new_mod
+
+
+def static_shape(expr: relax.Expr) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def const(array: np.ndarray) -> relax.Constant:
+    return relax.const(np.ascontiguousarray(array))
+
+
+def in_graph_order(decisions: list[LayerDecision]) -> list[LayerDecision]:
+    return sorted(decisions, key=lambda d: d.position)  # stable: unknown ones keep their order

@@ -1,0 +1,86 @@
+"""Rewrite ``nn.conv2d(x, W)`` with a constant, block-sparse W (NCHW / OIHW) into a BSR kernel.
+
+The weight is viewed as a matrix [O, C*KH*KW] and cut into R x C blocks (R output channels,
+the N of 1xN). The input is zero-padded by the conv's padding (plus a few columns on the right
+so the kernel reads whole vectors) and flattened per image; the kernel gets, instead of block
+column indices, each stored column's offset into that padded image. Grouped and depthwise
+convs stay dense; the bias add and activation that follow stay as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets, input_width
+from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, const, decide_bsr,
+                                                in_graph_order, rewrite_functions, static_shape)
+
+# Makes the kernel for one conv: (shape, lanes) -> PrimFunc
+ConvKernelFactory = Callable[[BsrConv2dShape], tvm.tirx.PrimFunc]
+
+
+def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: ConvKernelFactory,
+                    lanes: int, names: LayerNamer | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+    """Return the rewritten module and one decision per conv2d, in graph order."""
+    x, weight, other = wildcard(), is_const(), wildcard()
+    pattern = is_op("relax.nn.conv2d")(x, weight) | is_op("relax.nn.conv2d")(x, other)
+    log = DecisionLog(names)
+    builder = relax.BlockBuilder(mod)
+
+    def rewrite(call: relax.Call, matches: dict) -> relax.Expr:
+        if log.seen(call):
+            return call
+        if weight not in matches:
+            decision = log.add(call, "conv2d", None, [], block)
+            decision.reason = "weight is not a constant; left dense"
+            return call
+        w = matches[weight].value.numpy()
+        o, c, kh, kw = w.shape
+        matrix = w.reshape(o, -1)
+        decision = log.add(call, "conv2d", matrix, [o, c, kh, kw], block)
+        attrs = call.attrs
+        x_shape = static_shape(matches[x])
+        why_dense = _unsupported(attrs, x_shape, w, matches[x])
+        if why_dense:
+            decision.reason = why_dense
+            return call
+        bsr = decide_bsr(decision, matrix, block, threshold)
+        if bsr is None:
+            return call
+        n, _, h, wd = x_shape
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        out_shape = [int(d) for d in call.ty.shape]
+        shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
+                               (kh, kw), tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation),
+                               block, bsr.nnzb)
+        extra = input_width(shape, lanes) - shape.padded[1]
+        padded = matches[x]
+        if top or bottom or left or right or extra:
+            padded = relax.op.nn.pad(padded, [0, 0, 0, 0, top, bottom, left, right + extra])
+        flat = relax.op.reshape(padded, [n, c * shape.padded[0] * (shape.padded[1] + extra)])
+        gvar = builder.add_func(kernel(shape), "bsr_conv2d")
+        data, _, indptr = bsr.kernel_arrays()
+        offsets = column_offsets(shape, bsr.indices, lanes)
+        return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr)],
+                              relax.TensorType(out_shape, "float32"))
+
+    return rewrite_functions(mod, builder, pattern, rewrite), in_graph_order(log.decisions())
+
+
+def _unsupported(attrs, x_shape, w: np.ndarray, x: relax.Expr) -> str:
+    """Why this conv stays dense, or "" when the BSR kernel can take it."""
+    if int(attrs.groups) != 1:
+        kind = "depthwise" if int(attrs.groups) == w.shape[0] else "grouped"
+        return f"{kind} conv (groups={int(attrs.groups)}); left dense"
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return f"layout {attrs.data_layout}/{attrs.kernel_layout}; the BSR kernel takes NCHW/OIHW"
+    if x_shape is None or len(x_shape) != 4:
+        return "input shape is not static"
+    if x.ty.dtype != "float32" or w.dtype != np.float32 or attrs.out_dtype not in (None, "", "float32"):
+        return f"dtype {x.ty.dtype} (BSR kernels are float32)"
+    return ""

@@ -1,0 +1,96 @@
+"""The conv2d -> BSR rewrite: structure, decisions, and numerical equality with onnxruntime
+on a model with 3x3, strided, dilated, 1x1 and depthwise convs and a residual add."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+from prune2tvm.compile import compile_onnx
+from prune2tvm.compile.build import SparsifyOptions, sparsify_module
+from prune2tvm.compile.frontend import import_onnx
+from prune2tvm.config import load_target
+from prune2tvm.onnxrt import session
+from prune2tvm.prune.masks import magnitude_mask
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(32, 32, 3, padding=2, dilation=2, bias=False)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pw = nn.Conv2d(32, 32, 1)
+        self.odd = nn.Conv2d(32, 10, 1)  # 10 outputs: not divisible by 4
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.down(y))
+        y = y + torch.relu(self.dilated(y))
+        y = y + self.pw(torch.relu(self.dw(y)))
+        return self.odd(y).mean((2, 3))
+
+
+def prune_conv_blocks(conv: nn.Conv2d, block: int, sparsity: float) -> None:
+    """1xN pruning of a conv: N consecutive output channels at one (c, kh, kw), by L1 norm."""
+    o = conv.weight.shape[0]
+    matrix = conv.weight.detach().reshape(o // block, block, -1)
+    norms = matrix.abs().sum(1)  # [O/N, C*KH*KW]
+    mask = magnitude_mask(norms, sparsity).repeat_interleave(block, 0)
+    with torch.no_grad():
+        conv.weight.mul_(mask.reshape_as(conv.weight))
+
+
+@pytest.fixture(scope="module")
+def convnet_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    for conv, sparsity in ((model.stem, 0.5), (model.down, 0.7), (model.dilated, 0.8), (model.pw, 0.9),
+                           (model.dw, 0.0)):
+        if conv.groups == 1:
+            prune_conv_blocks(conv, 4, sparsity)
+    with torch.no_grad():
+        model.dw.weight.mul_((torch.rand_like(model.dw.weight) > 0.8).float())
+    path = tmp_path_factory.mktemp("convnet") / "convnet.onnx"
+    torch.onnx.export(model, torch.randn(1, 3, 15, 13), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    return path
+
+
+def test_conv_decisions_and_structure(convnet_onnx):
+    mod = import_onnx(convnet_onnx, {"input": [2, 3, 15, 13]})
+    new, decisions = sparsify_module(mod, convnet_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.5))
+    table = {d.name: d for d in decisions}
+    assert [d.name for d in decisions] == ["stem.weight", "down.weight", "dilated.weight", "dw.weight", "pw.weight",
+                                           "odd.weight"]
+    assert [table[n].kind for n in ("stem.weight", "down.weight", "dilated.weight", "pw.weight")] == ["bsr"] * 4
+    assert table["pw.weight"].block_sparsity == pytest.approx(0.9, abs=0.01)
+    assert table["dw.weight"].kind == "dense" and table["dw.weight"].reason == "depthwise conv (groups=32); left dense"
+    assert table["odd.weight"].reason == "[10, 32] does not divide into 4x1 blocks; left dense"
+    ops = []
+    relax.analysis.post_order_visit(new["main"].body, lambda e: ops.append(e.op.name)
+                                    if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
+    assert ops.count("relax.nn.conv2d") == 2 and ops.count("relax.call_tir") == 4
+    assert ops.count("relax.nn.pad") == 3  # the three padded convs; the 1x1 needs none at this width
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_conv_bsr_model_matches_onnxruntime(convnet_onnx, batch):
+    compiled = compile_onnx(convnet_onnx, load_target("x86"), {"input": [batch, 3, 15, 13]},
+                            sparsify=SparsifyOptions((4, 1), 0.5))
+    assert compiled.info.verified
+    assert sum(d["kind"] == "bsr" for d in compiled.info.layers) == 4
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 15, 13)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(convnet_onnx).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [(1, 1), (8, 1), (2, 3)])
+def test_other_block_shapes_match_onnxruntime(convnet_onnx, block):
+    compiled = compile_onnx(convnet_onnx, load_target("x86"), {"input": [1, 3, 15, 13]},
+                            sparsify=SparsifyOptions(block, 0.0))
+    assert compiled.info.verified
+    assert any(d["kind"] == "bsr" and d["op"] == "conv2d" for d in compiled.info.layers)
