@@ -1,6 +1,6 @@
-"""BSR linear layers through the whole compile path vs onnxruntime dense, side by side.
+"""BSR linear and conv layers through the whole compile path vs onnxruntime dense, side by side.
 
-Each case is an ONNX MatMul with a block-sparse [K, N] weight, compiled with
+Each case is an ONNX MatMul (or Conv) with a block-sparse weight, compiled with
 `compile_onnx(..., sparsify=SparsifyOptions(block, 0))` (import -> BSR rewrite -> build ->
 check against onnxruntime), then timed against onnxruntime on the same ONNX in alternating
 rounds in one process. `ideal` is the FLOP-proportional 1 / (1 - sparsity).
@@ -18,6 +18,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper, save
 
 LAYERS = [(768, 3072), (3072, 768)]
+CONVS = [(256, 256, 1, 56), (64, 64, 3, 56)]  # (in channels, out channels, kernel, image size), batch 1
 ROWS = [1, 128]
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 BLOCKS = [(1, 1), (1, 4), (4, 1), (8, 1), (16, 1)]  # (R output channels, C inputs)
@@ -33,6 +34,21 @@ def matmul_onnx(path: Path, rows: int, k: int, n: int, block: tuple[int, int], s
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [rows, k])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [rows, n])],
         [numpy_helper.from_array(np.ascontiguousarray(w_nk.T), "w")])
+    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def conv_onnx(path: Path, c: int, o: int, k: int, size: int, block: tuple[int, int], sparsity: float,
+              seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    r, cb = block
+    keep = rng.random((o // r, c * k * k // cb)) >= sparsity
+    w = rng.standard_normal((o, c * k * k)).astype(np.float32) * np.repeat(np.repeat(keep, r, 0), cb, 1)
+    pad = k // 2
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["output"], pads=[pad] * 4, kernel_shape=[k, k])], "bsr_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, o, size, size])],
+        [numpy_helper.from_array(w.reshape(o, c, k, k), "w")])
     save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
@@ -52,26 +68,32 @@ def main() -> None:
     from prune2tvm.onnxrt import session
 
     target = load_target(args.target)
+    cases = []  # (label, rows or image, block, sparsity, writer, input shape)
+    for k, n in LAYERS:
+        for rows in ROWS:
+            cases += [(f"Linear {k}->{n}", rows, block, sparsity,
+                       lambda p, b, s, rows=rows, k=k, n=n: matmul_onnx(p, rows, k, n, b, s, seed=int(100 * s)),
+                       [rows, k]) for block in blocks for sparsity in sparsities]
+    for c, o, k, size in CONVS:
+        cases += [(f"Conv {k}x{k} {c}->{o} {size}x{size}", 1, block, sparsity,
+                   lambda p, b, s, c=c, o=o, k=k, size=size: conv_onnx(p, c, o, k, size, b, s, seed=int(100 * s)),
+                   [1, c, size, size]) for block in blocks for sparsity in sparsities]
     print("| layer | rows | block | sparsity | BSR ms | ORT dense ms | speed-up | ideal | of ideal |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        for k, n in LAYERS:
-            for rows in ROWS:
-                for block in blocks:
-                    for sparsity in sparsities:
-                        path = Path(tmp) / "layer.onnx"
-                        matmul_onnx(path, rows, k, n, block, sparsity, seed=len(str(block)) + int(100 * sparsity))
-                        compiled = compile_onnx(path, target, {"input": [rows, k]},
-                                                sparsify=SparsifyOptions(block, 0.0))
-                        ort = session(path, threads=target.threads)
-                        feeds = {"input": np.random.default_rng(0).standard_normal((rows, k)).astype(np.float32)}
-                        stats = measure_interleaved({"bsr": compiled.bind(feeds), "ort": lambda: ort.run(None, feeds)},
-                                                    warmup=10, repeat=args.repeat, rounds=3)
-                        speedup = stats["ort"].median / stats["bsr"].median
-                        ideal = 1.0 / (1.0 - sparsity)
-                        print(f"| Linear {k}->{n} | {rows} | {block[0]}x{block[1]} | {sparsity:.2f} | "
-                              f"{stats['bsr'].median:.3f} | {stats['ort'].median:.3f} | {speedup:.2f}x | "
-                              f"{ideal:.1f}x | {100 * speedup / ideal:.0f} % |", flush=True)
+        for label, rows, block, sparsity, write, shape in cases:
+            path = Path(tmp) / "layer.onnx"
+            write(path, block, sparsity)
+            compiled = compile_onnx(path, target, {"input": shape}, sparsify=SparsifyOptions(block, 0.0))
+            ort = session(path, threads=target.threads)
+            feeds = {"input": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+            stats = measure_interleaved({"bsr": compiled.bind(feeds), "ort": lambda: ort.run(None, feeds)},
+                                        warmup=10, repeat=args.repeat, rounds=3)
+            speedup = stats["ort"].median / stats["bsr"].median
+            ideal = 1.0 / (1.0 - sparsity)
+            print(f"| {label} | {rows} | {block[0]}x{block[1]} | {sparsity:.2f} | {stats['bsr'].median:.3f} | "
+                  f"{stats['ort'].median:.3f} | {speedup:.2f}x | {ideal:.1f}x | {100 * speedup / ideal:.0f} % |",
+                  flush=True)
 
 
 if __name__ == "__main__":
