@@ -136,7 +136,8 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
               help="Block rows R (output channels, the N of 1xN): rewrite block-sparse layers into BSR kernels.")
 @click.option("--bsc", "block_cols", type=int, default=1, show_default=True, help="Block columns C (inputs).")
 @click.option("--sparsity", "threshold", default="0.5", show_default=True,
-              help="A layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense.")
+              help="A layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense. "
+                   "'auto': measure each layer dense and as BSR on the target and keep the faster.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None,
@@ -173,17 +174,16 @@ def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str):
     for option, value in (("--bsr", block_rows), ("--bsc", block_cols)):
         if value < 1:
             raise InputError(f"{option} {value} is not a valid block size; valid: a positive integer")
+    from prune2tvm.compile.build import SparsifyOptions
+
     if threshold == "auto":
-        raise UnsupportedError("--sparsity auto (measuring dense against BSR per layer) is not available yet; "
-                               "give a threshold in [0, 1]")
+        return SparsifyOptions((block_rows, block_cols), auto=True)
     try:
         value = float(threshold)
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:
         raise InputError(f"--sparsity {threshold} is not valid; valid: a number in [0, 1] or auto")
-    from prune2tvm.compile.build import SparsifyOptions
-
     return SparsifyOptions((block_rows, block_cols), value)
 
 

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from prune2tvm.errors import ConfigError
 
@@ -273,12 +273,13 @@ class BsrConfig:
     into BSR kernels (``prune2tvm compile --bsr R --bsc C --sparsity S``)."""
 
     block: list[int] = field(default_factory=lambda: [4, 1])
-    threshold: float = 0.5
+    threshold: Union[float, Literal["auto"]] = 0.5  # auto: measure each layer on the target
 
     def check(self, where: str) -> None:
         if len(self.block) != 2 or any(b < 1 for b in self.block):
             raise ConfigError(f"{where}block: {self.block} is not valid; valid: [R, C], two positive integers")
-        _in_range(f"{where}threshold", self.threshold, 0.0, 1.0)
+        if self.threshold != "auto":
+            _in_range(f"{where}threshold", self.threshold, 0.0, 1.0)
 
 
 @dataclass

@@ -89,7 +89,10 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     from prune2tvm.compile.build import SparsifyOptions
 
     bsr = cfg.compile.bsr
-    sparsify = SparsifyOptions(tuple(bsr.block), bsr.threshold) if bsr else None
+    sparsify = None
+    if bsr is not None:
+        auto = bsr.threshold == "auto"
+        sparsify = SparsifyOptions(tuple(bsr.block), 0.0 if auto else bsr.threshold, auto=auto)
     with phase("data", f"{cfg.data.dataset}, split {cfg.data.split}, seed {cfg.seed}"):
         data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path)
         say(f"  train {len(data.train)}, val {len(data.val)}, test {len(data.test)} samples of shape {data.input_shape}")
@@ -181,8 +184,9 @@ def _build_note(bsr) -> str:
     untuned = "with TVM's default (untuned) schedules; autotuning is not applied in this run"
     if bsr is None:
         return f"TVM builds use dense kernels {untuned}."
-    return (f"TVM builds rewrite linear layers whose fraction of all-zero {bsr.block[0]}x{bsr.block[1]} blocks is at "
-            f"least {bsr.threshold:g} into prune2tvm's BSR kernels (conv layers stay dense for now); other "
+    rule = ("is faster as BSR when measured on the target" if bsr.threshold == "auto"
+            else f"has at least {bsr.threshold:g} of its {bsr.block[0]}x{bsr.block[1]} blocks all zero")
+    return (f"TVM builds run each linear and conv layer that {rule} as prune2tvm's BSR kernels; other "
             f"layers use dense kernels {untuned}.")
 
 

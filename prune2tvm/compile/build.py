@@ -54,8 +54,13 @@ class SparsifyOptions:
 
     block: tuple[int, int] = (4, 1)
     threshold: float = 0.5
+    auto: bool = False  # measure each layer on the target instead (threshold then ignored)
 
     def __post_init__(self) -> None:
+        if self.auto:
+            from prune2tvm.compile.auto_select import AUTO_MIN_BLOCK_SPARSITY
+
+            object.__setattr__(self, "threshold", AUTO_MIN_BLOCK_SPARSITY)
         rows, cols = self.block
         if not (isinstance(rows, int) and isinstance(cols, int) and rows >= 1 and cols >= 1):
             raise InputError(f"block {rows}x{cols} is not valid; valid: positive integers, e.g. --bsr 4 --bsc 1")
@@ -179,7 +184,8 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
         mod = import_onnx(onnx_path, {s.name: s.shape for s in specs})
     layers = []
     if sparsify is not None:
-        with phase("sparsify", f"{sparsify.block[0]}x{sparsify.block[1]} blocks, threshold {sparsify.threshold:g}"):
+        rule = "auto (measured per layer)" if sparsify.auto else f"threshold {sparsify.threshold:g}"
+        with phase("sparsify", f"{sparsify.block[0]}x{sparsify.block[1]} blocks, {rule}"):
             mod, decisions = sparsify_module(mod, onnx_path, target, sparsify)
             layers = [d.to_json() for d in decisions]
             bsr = sum(d.kind == "bsr" for d in decisions)
@@ -202,17 +208,33 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
 
 
 def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptions):
-    """Run the BSR rewrite passes (conv2d, then dense) with the kernels for the target."""
+    """Run the BSR rewrite passes (conv2d, then dense) with the kernels for the target;
+    with ``options.auto``, each eligible layer is measured and kept dense unless BSR wins."""
     import onnx
 
     from prune2tvm.compile.frontend import WeightNames
+
+    names = WeightNames(onnx.load(str(onnx_path)))
+    select = None
+    if options.auto:
+        from prune2tvm.compile.auto_select import LayerTimer
+
+        select = LayerTimer(target, lambda m: run_sparsify_passes(m, target, options.block, 0.0)[0])
+    mod, decisions = run_sparsify_passes(mod, target, options.block, options.threshold, names.lookup, select)
+    for d in decisions:
+        if options.auto and d.dense_ms is None and d.block_sparsity is not None:
+            d.reason = (f"auto: block sparsity {d.block_sparsity:.3f} < {options.threshold:g}, "
+                        "not worth measuring; left dense")
+    return mod, decisions
+
+
+def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], threshold: float, names=None, select=None):
     from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu
     from prune2tvm.compile.kernels.bsr_matmul import BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda
     from prune2tvm.compile.passes.decisions import in_graph_order
     from prune2tvm.compile.passes.sparsify_conv2d import sparsify_conv2d
     from prune2tvm.compile.passes.sparsify_dense import sparsify_dense
 
-    names = WeightNames(onnx.load(str(onnx_path)))
     conv_decisions = []
     if target.kind == "cuda":
         def kernel(rows, bsr):
@@ -224,9 +246,9 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
         def kernel(rows, bsr):
             return bsr_matmul_cpu(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes)
 
-        mod, conv_decisions = sparsify_conv2d(mod, options.block, options.threshold,
-                                              lambda shape: bsr_conv2d_cpu(shape, lanes), lanes, names.lookup)
-    mod, dense_decisions = sparsify_dense(mod, options.block, options.threshold, kernel, names.lookup)
+        mod, conv_decisions = sparsify_conv2d(mod, block, threshold, lambda shape: bsr_conv2d_cpu(shape, lanes),
+                                              lanes, names, select)
+    mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select)
     return mod, in_graph_order(conv_decisions + dense_decisions)
 
 

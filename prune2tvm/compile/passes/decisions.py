@@ -28,9 +28,32 @@ class LayerDecision:
     kind: str  # "bsr" or "dense"
     reason: str
     position: int = UNKNOWN_POSITION  # the layer's node index in the ONNX graph
+    dense_ms: float | None = None  # measured by --sparsity auto
+    bsr_ms: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The layer on its own, for measuring: its input shape, and a function that builds the
+    dense op from an input expression."""
+
+    input_shape: list[int]
+    make_dense: Callable[[relax.Expr], relax.Expr]
+
+
+# Says whether a layer that qualifies for BSR becomes BSR (may set decision.reason)
+Selector = Callable[[LayerDecision, Probe], bool]
+
+
+def selected(decision: LayerDecision, probe: Probe, select: Selector | None) -> bool:
+    """Apply ``select`` to a layer ``decide_bsr`` chose; a layer it refuses is kept dense."""
+    if select is None or select(decision, probe):
+        return True
+    decision.kind = "dense"
+    return False
 
 
 class DecisionLog:

@@ -17,15 +17,17 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets, input_width
-from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, const, decide_bsr,
-                                                in_graph_order, rewrite_functions, static_shape)
+from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
+                                                decide_bsr, in_graph_order, rewrite_functions, selected,
+                                                static_shape)
 
 # Makes the kernel for one conv: (shape, lanes) -> PrimFunc
 ConvKernelFactory = Callable[[BsrConv2dShape], tvm.tirx.PrimFunc]
 
 
 def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: ConvKernelFactory,
-                    lanes: int, names: LayerNamer | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                    lanes: int, names: LayerNamer | None = None, select: Selector | None = None,
+                    ) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per conv2d, in graph order."""
     x, weight, other = wildcard(), is_const(), wildcard()
     pattern = is_op("relax.nn.conv2d")(x, weight) | is_op("relax.nn.conv2d")(x, other)
@@ -50,7 +52,10 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
             decision.reason = why_dense
             return call
         bsr = decide_bsr(decision, matrix, block, threshold)
-        if bsr is None:
+        strides, padding, dilation = ([int(v) for v in a] for a in (attrs.strides, attrs.padding, attrs.dilation))
+        probe = Probe(x_shape, lambda v: relax.op.nn.conv2d(v, relax.const(w), strides=strides, padding=padding,
+                                                           dilation=dilation))
+        if bsr is None or not selected(decision, probe, select):
             return call
         n, _, h, wd = x_shape
         top, left, bottom, right = (int(p) for p in attrs.padding)

@@ -21,8 +21,9 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, const, decide_bsr,
-                                                in_graph_order, rewrite_functions, static_shape)
+from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
+                                                decide_bsr, in_graph_order, rewrite_functions, selected,
+                                                static_shape)
 from prune2tvm.sparse import BsrMatrix
 
 
@@ -31,7 +32,8 @@ KernelFactory = Callable[[int, BsrMatrix], tvm.tirx.PrimFunc]
 
 
 def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: KernelFactory,
-                   names: LayerNamer | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                   names: LayerNamer | None = None, select: Selector | None = None,
+                   ) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per constant-weight matmul, in graph order."""
     x, weight, other = wildcard(), is_const(), wildcard()
     transposed = is_op("relax.permute_dims")(weight)
@@ -69,7 +71,9 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
             decision.reason = f"dtype {dtype} (BSR kernels are float32)"
             return call
         bsr = decide_bsr(decision, w_nk, block, threshold)
-        if bsr is None:
+        w_kn = np.ascontiguousarray(w_nk.T)
+        probe = Probe(x_shape, lambda v: relax.op.matmul(v, relax.const(w_kn)))
+        if bsr is None or not selected(decision, probe, select):
             return call
         rows = math.prod(x_shape[:-1])
         gvar = builder.add_func(kernel(rows, bsr), "bsr_matmul")

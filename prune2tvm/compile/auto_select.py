@@ -1,0 +1,70 @@
+"""``--sparsity auto``: measure each candidate layer on the target, dense and as BSR, and keep
+whichever is faster, so no layer is slower than its dense TVM build.
+
+Each layer is measured on its own: a one-op Relax function built from the layer's
+``Probe`` (dense), and the same function after the BSR pass, both compiled exactly as the
+model is and timed with ``time_evaluator`` on this machine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from prune2tvm.compile.passes.decisions import LayerDecision, Probe
+from prune2tvm.compile.target import device, tvm_target
+from prune2tvm.config import TargetConfig
+from prune2tvm.errors import UnsupportedError
+from prune2tvm.progress import say
+
+# Layers with fewer all-zero blocks than this are not worth measuring: they stay dense.
+AUTO_MIN_BLOCK_SPARSITY = 0.1
+
+
+class LayerTimer:
+    """A ``Selector`` that decides by measurement. ``to_bsr`` rewrites a module with every
+    eligible layer as BSR (the same passes and kernels the model gets)."""
+
+    def __init__(self, target: TargetConfig, to_bsr: Callable[[tvm.IRModule], tvm.IRModule],
+                 min_repeat_ms: int = 30, repeat: int = 5):
+        ok, why = target.runs_here()
+        if not ok:
+            raise UnsupportedError(f"--sparsity auto measures layers on the target, and {target.name} cannot run "
+                                   f"here ({why}); give a threshold instead")
+        self.target = target
+        self.to_bsr = to_bsr
+        self.min_repeat_ms = min_repeat_ms
+        self.repeat = repeat
+
+    def __call__(self, decision: LayerDecision, probe: Probe) -> bool:
+        dense = single_op_module(probe)
+        x = np.random.default_rng(0).standard_normal(probe.input_shape).astype(np.float32)
+        decision.dense_ms = self._time(dense, x)
+        decision.bsr_ms = self._time(self.to_bsr(single_op_module(probe)), x)
+        faster = decision.bsr_ms < decision.dense_ms
+        say(f"  auto {decision.name}: dense {decision.dense_ms:.4f} ms, BSR {decision.bsr_ms:.4f} ms -> "
+            f"{'BSR' if faster else 'dense'}")
+        if faster:
+            decision.reason = f"auto: BSR {decision.bsr_ms:.4f} ms < dense {decision.dense_ms:.4f} ms"
+        else:
+            decision.reason = f"auto: dense {decision.dense_ms:.4f} ms <= BSR {decision.bsr_ms:.4f} ms; left dense"
+        return faster
+
+    def _time(self, mod: tvm.IRModule, x: np.ndarray) -> float:
+        dev = device(self.target)
+        vm = relax.VirtualMachine(tvm.compile(mod, tvm_target(self.target)), dev)
+        timer = vm.time_evaluator("main", dev, number=1, repeat=self.repeat, min_repeat_ms=self.min_repeat_ms)
+        return float(np.median(timer(tvm.runtime.tensor(x, dev)).results) * 1e3)
+
+
+def single_op_module(probe: Probe) -> tvm.IRModule:
+    x = relax.Var("x", relax.TensorType(probe.input_shape, "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            out = builder.emit_output(probe.make_dense(x))
+        builder.emit_func_output(out)
+    return builder.get()
