@@ -173,3 +173,22 @@ def test_compile_cli_refuses_bad_block_options(mixed_onnx, tmp_path, args, messa
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bert_style_encoder_with_bsr_linear_layers_matches_onnxruntime(tmp_path):
+    from prune2tvm.models import build_model
+    from prune2tvm.prune.blocks import prune_blocks_one_shot
+
+    torch.manual_seed(0)
+    model = build_model("bert_tiny", (16, 32), 3).eval()
+    prune_blocks_one_shot(model, (4, 1), 0.8)
+    path = tmp_path / "bert.onnx"
+    torch.onnx.export(model, torch.randn(1, 16, 32), str(path), dynamo=False, opset_version=17, input_names=["input"])
+    compiled = compile_onnx(path, load_target("x86"), {"input": [1, 16, 32]}, sparsify=SparsifyOptions((4, 1), 0.5))
+    decisions = [(d["kind"], d["reason"]) for d in compiled.info.layers]
+    assert [k for k, _ in decisions].count("bsr") == 12  # 6 projections per layer x 2 layers
+    assert sum("not a constant" in r for _, r in decisions) == 4  # q @ k^T and scores @ v, per layer
+    assert ("dense", "[3, 32] does not divide into 4x1 blocks; left dense") in decisions  # the classifier
+    x = np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)

@@ -1,0 +1,79 @@
+"""Whole models from the zoo at real size, random weights pruned one shot with 4x1 blocks:
+TVM with BSR kernels vs TVM dense vs onnxruntime dense, measured side by side.
+
+The TVM dense build uses TVM's default schedules (no tuning yet, issue #5), and so do the
+layers the BSR rewrite leaves dense (depthwise convs, attention's activation products,
+elementwise ops): read the BSR/ORT ratio with that in mind.
+
+Usage: python benchmarks/bsr_models.py [--models bert_base,mobilenet_v2,resnet50] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODELS = {  # name: (sample shape, classes, sparsity, what is pruned)
+    "bert_base": ((128, 768), 2, 0.9, "linear layers of the encoder"),
+    "mobilenet_v2": ((3, 224, 224), 1000, 0.7, "every conv and linear layer but the depthwise ones"),
+    "resnet50": ((3, 224, 224), 1000, 0.7, "every conv and linear layer"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--target", default="x86")
+    args = parser.parse_args()
+
+    from prune2tvm.compile import compile_onnx
+    from prune2tvm.compile.build import SparsifyOptions
+    from prune2tvm.config import load_target
+    from prune2tvm.export import export_onnx
+    from prune2tvm.measure.latency import measure_interleaved
+    from prune2tvm.models import build_model
+    from prune2tvm.onnxrt import session
+    from prune2tvm.prune.blocks import prune_blocks_one_shot
+
+    target = load_target(args.target)
+    rows = []
+    for name in args.models.split(","):
+        shape, classes, sparsity, pruned = MODELS[name]
+        torch.manual_seed(0)
+        model = build_model(name, shape, classes).eval()
+        skip = ("classifier",) if name == "bert_base" else ()
+        skipped = prune_blocks_one_shot(model, (4, 1), sparsity, skip=skip)
+        with tempfile.TemporaryDirectory() as tmp:
+            check = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+            onnx_model = export_onnx(model, shape, Path(tmp) / f"{name}.onnx", 17, check)
+            start = time.perf_counter()
+            bsr = compile_onnx(onnx_model.path, target, {"input": [1, *shape]}, sparsify=SparsifyOptions((4, 1), 0.5))
+            bsr_build_s = time.perf_counter() - start
+            dense = compile_onnx(onnx_model.path, target, {"input": [1, *shape]})
+            ort = session(onnx_model.path, threads=target.threads)
+            feeds = {"input": check}
+            stats = measure_interleaved({"bsr": bsr.bind(feeds), "tvm_dense": dense.bind(feeds),
+                                         "ort": lambda: ort.run(None, feeds)},
+                                        warmup=2, repeat=args.repeat, rounds=2)
+        n_bsr = sum(d["kind"] == "bsr" for d in bsr.info.layers)
+        rows.append((name, sparsity, pruned, n_bsr, len(bsr.info.layers), len(skipped), bsr_build_s, stats))
+        print(f"{name}: BSR {stats['bsr'].median:.2f} ms, TVM dense {stats['tvm_dense'].median:.2f} ms, "
+              f"ORT {stats['ort'].median:.2f} ms", flush=True)
+
+    print("\n| model | pruned (4x1 blocks) | BSR layers | TVM BSR ms | TVM dense ms | ORT dense ms "
+          "| BSR vs TVM dense | BSR vs ORT |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, sparsity, pruned, n_bsr, n_layers, n_skipped, build_s, st in rows:
+        print(f"| {name} | {100 * sparsity:.0f} % of {pruned} | {n_bsr} of {n_layers} | {st['bsr'].median:.2f} "
+              f"| {st['tvm_dense'].median:.2f} | {st['ort'].median:.2f} "
+              f"| {st['tvm_dense'].median / st['bsr'].median:.2f}x | {st['ort'].median / st['bsr'].median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The model zoo: every model builds and runs; the ImageNet models have their reference sizes."""
+
+import pytest
+import torch
+
+from prune2tvm.models import MODELS, build_model
+
+SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "resnet18": (3, 32, 32), "resnet50": (3, 32, 32),
+          "mobilenet_v2": (3, 32, 32), "bert_tiny": (16, 32), "bert_base": (8, 768)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_zoo_model_builds_and_runs(name):
+    model = build_model(name, SHAPES[name], 7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, *SHAPES[name]))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, params", [("resnet50", 25_557_032), ("resnet18", 11_689_512),
+                                          ("mobilenet_v2", 3_504_872)])
+def test_imagenet_models_have_the_reference_parameter_counts(name, params):
+    model = build_model(name, (3, 224, 224), 1000)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_bert_base_has_bert_dimensions():
+    model = build_model("bert_base", (128, 768), 2)
+    layers = model.layers
+    assert len(layers) == 12
+    assert layers[0].query.weight.shape == (768, 768) and layers[0].intermediate.weight.shape == (3072, 768)
