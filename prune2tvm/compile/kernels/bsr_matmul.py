@@ -23,6 +23,18 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 GEMV_MAX_ROWS = 4
+# TVM puts a CPU scratch buffer on the stack only when it is smaller than 1024 bytes
+# (kMaxStackAlloca); a larger one inside a parallel loop costs a workspace allocation per task.
+STACK_FLOATS = 255
+
+
+def accumulator_tiling(rows: int, vectors: int, lanes: int) -> tuple[int, int]:
+    """(RC, U): R is handled in chunks of RC rows, each with U vectors of ``lanes`` per row,
+    so that RC*U*lanes floats stay on the stack; at most 16 accumulators (of 32 AVX-512
+    registers), and as many as possible to hide FMA latency."""
+    budget = min(16, STACK_FLOATS // lanes)
+    chunk = max(d for d in range(1, rows + 1) if rows % d == 0 and d <= budget)
+    return chunk, max(1, min(vectors, budget // chunk))
 
 
 @dataclass(frozen=True)
@@ -85,14 +97,14 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int):
 
 
 def _bsr_gemm(s: BsrMatmulShape, lanes: int):
-    """Each task takes one block row and U panels of V rows: up to 16 vector accumulators in
-    flight (FMA latency hidden, half of AVX-512's registers), each nonzero weight broadcast
-    once per panel."""
+    """Each task takes one block row and U panels of V rows; the block's R outputs are done
+    RC at a time, with RC*U vector accumulators in flight (each nonzero weight broadcast once
+    per panel). The accumulators stay under TVM's stack-allocation limit."""
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     V = lanes
     P = (M + V - 1) // V  # panels of V rows
-    U = max(1, min(P, 16 // R))  # panels per task
+    RC, U = accumulator_tiling(R, P, V)
     PT = (P + U - 1) // U  # panel tiles
     PP = PT * U  # panels, padded to a whole number of tiles
 
@@ -107,23 +119,27 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int):
                 panels[pk // K, pk % K, v] = T.if_then_else(
                     (pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K], T.cast(0, dtype))
         for it in T.parallel(NB * PT):
-            acc = T.alloc_buffer((U, R, V), dtype)
-            for u in T.unroll(U):
-                for r in T.unroll(R):
-                    for v in T.vectorized(V):
-                        acc[u, r, v] = T.cast(0, dtype)
-            for b in range(indptr[it // PT], indptr[it // PT + 1]):
-                for c in T.unroll(C):
-                    for u in T.unroll(U):
-                        for r in T.unroll(R):
-                            for v in T.vectorized(V):
-                                acc[u, r, v] = acc[u, r, v] + data[b, r, c] * \
-                                    panels[(it % PT) * U + u, indices[b] * C + c, v]
-            for u in range(U):
-                for v in range(V):
-                    if ((it % PT) * U + u) * V + v < M:
-                        for r in T.vectorized(R):
-                            out[((it % PT) * U + u) * V + v, (it // PT) * R + r] = acc[u, r, v]
+            for rc in range(R // RC):
+                acc = T.alloc_buffer((U, RC, V), dtype)
+                for u in T.unroll(U):
+                    for r in T.unroll(RC):
+                        for v in T.vectorized(V):
+                            acc[u, r, v] = T.cast(0, dtype)
+                for b in range(indptr[it % NB], indptr[it % NB + 1]):
+                    for c in T.unroll(C):
+                        for u in T.unroll(U):
+                            for r in T.unroll(RC):
+                                for v in T.vectorized(V):
+                                    acc[u, r, v] = acc[u, r, v] + data[b, rc * RC + r, c] * \
+                                        panels[(it // NB) * U + u, indices[b] * C + c, v]
+                # Unrolled, so the accumulators never leave registers (a loop here makes LLVM
+                # keep them in memory too, zeroed by a memset per task that cost more than the
+                # work at high sparsity).
+                for u in T.unroll(U):
+                    for v in T.unroll(V):
+                        if ((it // NB) * U + u) * V + v < M:
+                            for r in T.vectorized(RC):
+                                out[((it // NB) * U + u) * V + v, (it % NB) * R + rc * RC + r] = acc[u, r, v]
 
     return bsr_gemm
 
