@@ -27,8 +27,10 @@ demo: install
 test: install
 	PRUNE2TVM_NO_PROGRESS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# make tune TARGET=x86 MODEL=model.onnx [TRIALS=64] [BSR=4]: tuned build in runs/tune/<target>/
 tune: install
-	$(CLI) tune $(MODEL) --target $(TARGET) $(if $(TRIALS),--trials $(TRIALS))
+	@test -n "$(MODEL)" || { echo "make tune needs MODEL=path/to/model.onnx (and TARGET=x86|x86-avx512|aarch64|cuda)"; exit 2; }
+	$(CLI) tune $(MODEL) --target $(TARGET) $(if $(TRIALS),--trials $(TRIALS)) $(if $(BSR),--bsr $(BSR)) -o runs/tune/$(TARGET) --force
 
 bench: install
 	PRUNE2TVM_NO_PROGRESS=1 $(PY) benchmarks/digits_latency.py

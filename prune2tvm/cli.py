@@ -138,10 +138,13 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 @click.option("--sparsity", "threshold", default="0.5", show_default=True,
               help="A layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense. "
                    "'auto': measure each layer dense and as BSR on the target and keep the faster.")
+@click.option("--db", "db_dir", type=click.Path(file_okay=False),
+              help="Tuning database to apply (default: the target's database in the cache, if there is one).")
+@click.option("--no-db", is_flag=True, help="Build with TVM's default schedules even if a tuning database exists.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None,
-             block_cols: int, threshold: str, output: str, force: bool) -> None:
+             block_cols: int, threshold: str, db_dir: str | None, no_db: bool, output: str, force: bool) -> None:
     """Compile an ONNX model with TVM, rewriting block-sparse layers into BSR kernels (with
     --bsr), check it against onnxruntime, and save it."""
     from prune2tvm.config import DEFAULT_TARGET, load_target
@@ -153,8 +156,9 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     shapes = _input_shapes(model, batch_size, input_shapes)
     from prune2tvm.compile import compile_onnx
 
+    database = None if no_db else _open_database(tgt, db_dir, create=False)
     with staged_dir(output, force=force, what="a compiled model") as stage:
-        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify)
+        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database)
         compiled.save(stage)
     if compiled.info.layers:
         from prune2tvm.report.write import render_layer_table
@@ -217,12 +221,69 @@ def _input_shapes(model: str, batch_size: int, overrides: tuple[str, ...]) -> di
     return shapes
 
 
+def _open_database(target, db_dir: str | None, create: bool):
+    """The tuning database to use: ``db_dir``, else the target's default one if it exists
+    (or is to be created)."""
+    from prune2tvm.compile.tune import META_NAME, TuningDatabase, database_dir
+
+    path = database_dir(target, db_dir)
+    if not create and not (path / META_NAME).exists():
+        if db_dir:
+            raise InputError(f"--db {db_dir}: no tuning database there (run 'prune2tvm tune ... --db {db_dir}' first)")
+        return None
+    return TuningDatabase(path, target, create=create)
+
+
 @cli.command()
-@click.argument("model", required=False)
-def tune(model: str | None) -> None:
-    """Autotune a model for a target (arrives with the autotuning issue, #5)."""
-    raise UnsupportedError("'tune' arrives with issue #5 (meta_schedule autotuning, tuning databases, RPC "
-                           "devices); today 'compile' builds with TVM's default schedules")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default=None, help="Target name or YAML file (default: x86, the host CPU).")
+@click.option("--trials", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Measurements in all (tasks already in the database take none).")
+@click.option("--trials-per-task", type=click.IntRange(min=1), default=None, help="At most this many per task.")
+@click.option("--db", "db_dir", type=click.Path(file_okay=False),
+              help="Tuning database directory (default: one per target under ~/.cache/prune2tvm/tuning).")
+@click.option("--batch-size", "-b", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...")
+@click.option("--bsr", "block_rows", type=int, default=None, help="Rewrite block-sparse layers first, as compile does.")
+@click.option("--bsc", "block_cols", type=int, default=1, show_default=True)
+@click.option("--sparsity", "threshold", default="0.5", show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory for the tuned build.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def tune(model: str, target: str | None, trials: int, trials_per_task: int | None, db_dir: str | None,
+         batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None, block_cols: int, threshold: str,
+         output: str, force: bool) -> None:
+    """Tune a model's dense operators with meta_schedule into a persistent database, then
+    build, verify and save the tuned model. Tasks already tuned are not tuned again."""
+    from prune2tvm.config import DEFAULT_TARGET, load_target
+    from prune2tvm.fsutil import staged_dir
+
+    _require_file(model, "ONNX model")
+    sparsify = _sparsify_options(block_rows, block_cols, threshold)
+    tgt = load_target(target or DEFAULT_TARGET)
+    ok, why = tgt.runs_here()
+    if not ok:
+        raise UnsupportedError(f"tuning measures on the device and {tgt.name} cannot run here ({why}); tuning "
+                               "through a TVM RPC tracker (--rpc-tracker HOST:PORT --rpc-key KEY) is not available yet")
+    if Path(output).exists() and not force:
+        from prune2tvm.errors import OutputExistsError
+
+        raise OutputExistsError(f"a compiled model already exists at {output}; pass --force to replace it")
+    shapes = _input_shapes(model, batch_size, input_shapes)
+    database = _open_database(tgt, db_dir, create=True)
+    click.echo(f"tuning database: {database.path}")
+    from prune2tvm.compile import compile_onnx
+    from prune2tvm.compile.build import prepare_module
+    from prune2tvm.compile.tune import render_task_table, tune_module
+
+    mod = prepare_module(model, tgt, shapes, sparsify)
+    reports = tune_module(mod, tgt, database, trials, trials_per_task)
+    with staged_dir(output, force=force, what="a compiled model") as stage:
+        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database)
+        compiled.save(stage)
+    click.echo(render_task_table(reports))
+    new = sum(r.trials for r in reports if r.status == "tuned")
+    click.echo(f"wrote {output} ({'verified against onnxruntime' if compiled.info.verified else 'not verified'}); "
+               f"{new} new trials")
 
 
 @cli.command()

@@ -75,7 +75,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert type(result.exception).__name__ == "ConfigError"
 
 
-@pytest.mark.parametrize("verb, issue", [("tune", "#5"), ("prune", "#4")])
+@pytest.mark.parametrize("verb, issue", [("prune", "#4")])
 def test_later_stages_say_so_and_fail(verb, issue):
     result = invoke(verb)
     assert_one_line_error(result, f"arrives with issue {issue}")

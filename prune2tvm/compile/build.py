@@ -82,6 +82,7 @@ class CompileInfo:
     not_verified_reason: str = ""
     device_code: str = ""  # how the device code was checked (cuda: nvcc on the generated source)
     sparsify: dict | None = None  # SparsifyOptions used, or None for a dense build
+    tuning_database: str | None = None  # the meta_schedule database applied, if any
     layers: list[dict] = field(default_factory=list)  # one LayerDecision per weight layer
     format_version: int = COMPILE_FORMAT_VERSION
 
@@ -159,10 +160,14 @@ def _flatten(out) -> list:
     return [t for item in out for t in _flatten(item)]
 
 
-def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
-                 real_feeds: dict[str, np.ndarray] | None = None, seed: int = 0,
-                 rtol: float = 1e-4, atol: float = 1e-5, sparsify: SparsifyOptions | None = None) -> CompiledModel:
-    """Import, build and (where the target runs here) verify against onnxruntime."""
+def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
+                   sparsify: SparsifyOptions | None = None) -> "tvm.IRModule":
+    """The Relax module ``compile_onnx`` builds: imported, static shapes, BSR-rewritten."""
+    return _import_and_rewrite(onnx_path, target, input_shapes, sparsify)[0]
+
+
+def _import_and_rewrite(onnx_path, target: TargetConfig, input_shapes: dict[str, list[int]],
+                        sparsify: SparsifyOptions | None):
     from prune2tvm.export.onnx_export import read_onnx_io
 
     onnx_inputs, outputs = read_onnx_io(onnx_path)
@@ -190,16 +195,33 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
             layers = [d.to_json() for d in decisions]
             bsr = sum(d.kind == "bsr" for d in decisions)
             say(f"  {bsr} of {len(decisions)} weight layers rewritten to BSR")
+    return mod, specs, outputs, layers
+
+
+def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
+                 real_feeds: dict[str, np.ndarray] | None = None, seed: int = 0,
+                 rtol: float = 1e-4, atol: float = 1e-5, sparsify: SparsifyOptions | None = None,
+                 database=None) -> CompiledModel:
+    """Import, rewrite, build (with a tuning database's schedules when given) and, where the
+    target runs here, verify against onnxruntime."""
+    mod, specs, outputs, layers = _import_and_rewrite(onnx_path, target, input_shapes, sparsify)
     target_dict = resolved_target_dict(target)
-    with phase("build", f"target {target.name}: {json.dumps(target_dict)}"):
+    tuned = f", tuned schedules from {database.path}" if database is not None else ""
+    with phase("build", f"target {target.name}: {json.dumps(target_dict)}{tuned}"):
         try:
-            executable = tvm.compile(mod, tvm_target(target))
+            if database is not None:
+                from prune2tvm.compile.tune import build_with_database
+
+                executable = build_with_database(mod, target, database)
+            else:
+                executable = tvm.compile(mod, tvm_target(target))
         except Exception as exc:  # TVM raises its own error types from C++
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise BuildError(f"TVM cannot build {Path(onnx_path).name} for {target.name}: {last}") from None
     info = CompileInfo(target=target.to_dict(), tvm_target=target_dict, inputs=specs, outputs=outputs,
                        onnx_sha256=sha256_file(onnx_path), layers=layers,
-                       sparsify=None if sparsify is None else asdict(sparsify))
+                       sparsify=None if sparsify is None else asdict(sparsify),
+                       tuning_database=None if database is None else str(database.path))
     if target.kind == "cuda":
         info.device_code = check_cuda_source(executable, target)
     compiled = CompiledModel(executable, target, info)

@@ -21,9 +21,16 @@ def resolved_target_dict(target: TargetConfig) -> dict:
     spec = copy.deepcopy(target.tvm)
     if spec.get("mcpu") == "auto":
         spec["mcpu"] = host_cpu_name()
-    if spec.get("num-cores") == "auto" or (target.threads and "num-cores" not in spec and spec["kind"] == "llvm"):
-        spec["num-cores"] = target.threads or os.cpu_count() or 1
+    if spec["kind"] == "llvm" and spec.get("num-cores", "auto") == "auto":
+        # meta_schedule needs it; the build uses it as the thread count
+        spec["num-cores"] = target.threads or physical_cores()
     return spec
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def tvm_target(target: TargetConfig) -> "tvm.target.Target":

@@ -1,0 +1,80 @@
+"""Tuning with meta_schedule: a persistent database per target, reused, applied by compile.
+
+One tuning run (a single MatMul, 4 trials: about a minute here) is shared by these tests."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper, save
+
+from prune2tvm.cli import cli
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "one_layer",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [8, 64])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [8, 32])],
+                              [numpy_helper.from_array(w, "w")])
+    model = tmp / "one.onnx"
+    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned")
+    assert result.exit_code == 0, result.output
+    return tmp, model, result.output
+
+
+def test_tuning_fills_a_database_and_builds_a_verified_model(tuned):
+    tmp, _, output = tuned
+    # a candidate may fail to build or run on a loaded machine: between 1 and 4 records
+    row = next(line for line in output.splitlines() if line.startswith("| matmul |"))
+    assert row.split("|")[3].strip() == "tuned" and 1 <= int(row.split("|")[4]) <= 4
+    meta = json.loads((tmp / "db" / "meta.json").read_text())
+    assert meta["tvm_version"] == "0.27.0.post1" and meta["target"]["kind"] == "llvm"
+    records = (tmp / "db" / "records.json").read_text().strip().splitlines()
+    assert 1 <= len(records) <= 4
+    info = json.loads((tmp / "tuned" / "compile.json").read_text())
+    assert info["verified"] and info["tuning_database"] == str(tmp / "db")
+
+
+def test_a_second_identical_run_does_no_new_trials(tuned):
+    tmp, model, _ = tuned
+    before = (tmp / "db" / "records.json").read_text()
+    result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned", "--force")
+    assert result.exit_code == 0, result.output
+    assert "| matmul | 1 | already tuned | 0 |" in result.output and "0 new trials" in result.output
+    assert (tmp / "db" / "records.json").read_text() == before
+
+
+def test_compile_applies_a_database_and_refuses_a_foreign_one(tuned, tmp_path):
+    tmp, model, _ = tuned
+    result = run_cli("compile", model, "--db", tmp / "db", "-o", tmp_path / "build")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "build" / "compile.json").read_text())
+    assert info["verified"] and info["tuning_database"] == str(tmp / "db")
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    meta = json.loads((tmp / "db" / "meta.json").read_text())
+    (foreign / "meta.json").write_text(json.dumps({**meta, "tvm_version": "0.19.0"}))
+    result = run_cli("compile", model, "--db", foreign, "-o", tmp_path / "never")
+    assert result.exit_code == 2
+    assert "was made for tvm version '0.19.0', not '0.27.0.post1'" in result.output
+    assert not (tmp_path / "never").exists()
+
+
+def test_tuning_refuses_what_it_cannot_do(tuned, tmp_path):
+    tmp, model, _ = tuned
+    result = run_cli("tune", model, "--target", "cuda", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "cuda cannot run here" in result.output and "RPC" in result.output
+    result = run_cli("compile", model, "--db", tmp_path / "nothing", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "no tuning database there" in result.output
+    result = run_cli("tune", model, "--trials", 0, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "--trials" in result.output
