@@ -5,7 +5,10 @@ Each case is an ONNX MatMul (or Conv) with a block-sparse weight, compiled with
 check against onnxruntime), then timed against onnxruntime on the same ONNX in alternating
 rounds in one process. `ideal` is the FLOP-proportional 1 / (1 - sparsity).
 
-Usage: python benchmarks/bsr_layers.py [--quick] [--repeat N]
+With --tune-trials N, TVM dense is tuned with meta_schedule (N trials per layer shape, in a
+database kept in benchmarks/.tuning-db/) and measured too, as the second baseline.
+
+Usage: python benchmarks/bsr_layers.py [--quick] [--repeat N] [--tune-trials N]
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only 90 %% sparsity, 1x1, 4x1 and 16x1 blocks")
     parser.add_argument("--repeat", type=int, default=60)
     parser.add_argument("--target", default="x86")
+    parser.add_argument("--tune-trials", type=int, default=0, help="tune TVM dense with this many trials per shape")
+    parser.add_argument("--only", default="", help="only cases whose label contains this (e.g. Conv)")
     args = parser.parse_args()
     sparsities = [0.9] if args.quick else SPARSITIES
     blocks = [(1, 1), (4, 1), (16, 1)] if args.quick else BLOCKS
@@ -78,8 +83,17 @@ def main() -> None:
         cases += [(f"Conv {k}x{k} {c}->{o} {size}x{size}", 1, block, sparsity,
                    lambda p, b, s, c=c, o=o, k=k, size=size: conv_onnx(p, c, o, k, size, b, s, seed=int(100 * s)),
                    [1, c, size, size]) for block in blocks for sparsity in sparsities]
-    print("| layer | rows | block | sparsity | BSR ms | ORT dense ms | speed-up | ideal | of ideal |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    cases = [c for c in cases if args.only in c[0]]
+    database = None
+    if args.tune_trials:
+        from prune2tvm.compile.build import prepare_module
+        from prune2tvm.compile.tune import TuningDatabase, tune_module
+
+        database = TuningDatabase(Path(__file__).parent / ".tuning-db", target)
+    tvm_dense = {}  # (label, rows) -> compiled tuned dense build
+    print("| layer | rows | block | sparsity | BSR ms | TVM dense (tuned) ms | ORT dense ms | vs TVM dense "
+          "| vs ORT | ideal | of ideal (ORT) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, rows, block, sparsity, write, shape in cases:
             path = Path(tmp) / "layer.onnx"
@@ -87,13 +101,20 @@ def main() -> None:
             compiled = compile_onnx(path, target, {"input": shape}, sparsify=SparsifyOptions(block, 0.0))
             ort = session(path, threads=target.threads)
             feeds = {"input": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-            stats = measure_interleaved({"bsr": compiled.bind(feeds), "ort": lambda: ort.run(None, feeds)},
-                                        warmup=10, repeat=args.repeat, rounds=3)
+            calls = {"bsr": compiled.bind(feeds), "ort": lambda: ort.run(None, feeds)}
+            if database is not None:
+                if (label, rows) not in tvm_dense:  # schedules do not depend on the weights' values
+                    tune_module(prepare_module(path, target, {"input": shape}), target, database, args.tune_trials)
+                    tvm_dense[(label, rows)] = compile_onnx(path, target, {"input": shape}, database=database)
+                calls["tvm"] = tvm_dense[(label, rows)].bind(feeds)
+            stats = measure_interleaved(calls, warmup=10, repeat=args.repeat, rounds=3)
             speedup = stats["ort"].median / stats["bsr"].median
             ideal = 1.0 / (1.0 - sparsity)
+            tvm_ms = f"{stats['tvm'].median:.3f}" if "tvm" in stats else "-"
+            vs_tvm = f"{stats['tvm'].median / stats['bsr'].median:.2f}x" if "tvm" in stats else "-"
             print(f"| {label} | {rows} | {block[0]}x{block[1]} | {sparsity:.2f} | {stats['bsr'].median:.3f} | "
-                  f"{stats['ort'].median:.3f} | {speedup:.2f}x | {ideal:.1f}x | {100 * speedup / ideal:.0f} % |",
-                  flush=True)
+                  f"{tvm_ms} | {stats['ort'].median:.3f} | {vs_tvm} | {speedup:.2f}x | {ideal:.1f}x | "
+                  f"{100 * speedup / ideal:.0f} % |", flush=True)
 
 
 if __name__ == "__main__":
