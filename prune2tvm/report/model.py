@@ -9,7 +9,6 @@ from prune2tvm.errors import InputError
 
 REPORT_JSON = "report.json"
 REPORT_FORMAT_VERSION = 1
-BACKENDS = ("torch", "onnxruntime", "tvm")
 
 
 @dataclass
