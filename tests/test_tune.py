@@ -78,3 +78,22 @@ def test_tuning_refuses_what_it_cannot_do(tuned, tmp_path):
     assert result.exit_code == 2 and "no tuning database there" in result.output
     result = run_cli("tune", model, "--trials", 0, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "--trials" in result.output
+
+
+def test_an_interrupted_write_is_set_aside_and_tuning_resumes(tuned, tmp_path):
+    """A run killed while appending leaves a partial last line: the next run keeps every
+    complete record (so a tuned task needs no new trials) and moves the broken line aside."""
+    import shutil
+
+    tmp, model, _ = tuned
+    db = tmp_path / "db"
+    shutil.copytree(tmp / "db", db)
+    records = db / "records.json"
+    complete = records.read_text()
+    records.write_text(complete + complete.splitlines()[0][: len(complete.splitlines()[0]) // 2])
+    result = run_cli("tune", model, "--trials", 4, "--db", db, "-o", tmp_path / "tuned")
+    assert result.exit_code == 0, result.output
+    assert "0 new trials" in result.output
+    assert records.read_text() == complete
+    aside = list(db.glob("records.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text().strip() == complete.splitlines()[0][: len(complete.splitlines()[0]) // 2]

@@ -72,6 +72,8 @@ class TuningDatabase:
             write_json(meta_path, expected)
         else:
             raise InputError(f"{self.path}: no tuning database here ({META_NAME} is missing)")
+        for name in ("workloads.json", "records.json"):
+            _set_aside_broken_lines(self.path / name)
         self.ms = ms.database.JSONDatabase(path_workload=str(self.path / "workloads.json"),
                                            path_tuning_record=str(self.path / "records.json"),
                                            allow_missing=True)
@@ -83,6 +85,31 @@ class TuningDatabase:
         if not records or not records[0].run_secs:
             return None
         return float(np.mean([float(s) for s in records[0].run_secs]))
+
+
+def _set_aside_broken_lines(path: Path) -> None:
+    """A tuning run killed while appending leaves a partial last line: keep every complete
+    line, move the broken ones to ``<name>.corrupt-<time>`` beside it, and say so."""
+    if not path.exists():
+        return
+    good, bad = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            good.append(line)
+        except ValueError:
+            bad.append(line)
+    if not bad:
+        return
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside.write_text("\n".join(bad) + "\n")
+    from prune2tvm.fsutil import write_text
+
+    write_text(path, "".join(line + "\n" for line in good))
+    say(f"  {path}: {len(bad)} unreadable line(s) (an interrupted run?) moved to {aside.name}; "
+        f"{len(good)} complete record(s) kept")
 
 
 def prepare_passes(target: tvm.target.Target) -> list:
