@@ -104,7 +104,7 @@ def main() -> None:
             calls = {"bsr": compiled.bind(feeds), "ort": lambda: ort.run(None, feeds)}
             if database is not None:
                 if (label, rows) not in tvm_dense:  # schedules do not depend on the weights' values
-                    tune_module(prepare_module(path, target, {"input": shape}), target, database, args.tune_trials)
+                    tune_module(prepare_module(path, target, {"input": shape}).mod, target, database, args.tune_trials)
                     tvm_dense[(label, rows)] = compile_onnx(path, target, {"input": shape}, database=database)
                 calls["tvm"] = tvm_dense[(label, rows)].bind(feeds)
             stats = measure_interleaved(calls, warmup=10, repeat=args.repeat, rounds=3)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from prune2tvm import __version__
-from prune2tvm.errors import InputError, Prune2TVMError, UnsupportedError
+from prune2tvm.errors import InputError, OutputExistsError, Prune2TVMError, UnsupportedError
 
 
 class _Group(click.Group):
@@ -109,8 +109,6 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
     """Export a state-dict checkpoint to ONNX, checked against torch with onnxruntime."""
     shape = _parse_shape(input_shape, "--input-shape")
     if Path(output).exists() and not force:
-        from prune2tvm.errors import OutputExistsError
-
         raise OutputExistsError(f"{output} already exists; pass --force to replace it")
     import numpy as np
 
@@ -265,8 +263,6 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
         raise UnsupportedError(f"tuning measures on the device and {tgt.name} cannot run here ({why}); tuning "
                                "through a TVM RPC tracker (--rpc-tracker HOST:PORT --rpc-key KEY) is not available yet")
     if Path(output).exists() and not force:
-        from prune2tvm.errors import OutputExistsError
-
         raise OutputExistsError(f"a compiled model already exists at {output}; pass --force to replace it")
     shapes = _input_shapes(model, batch_size, input_shapes)
     database = _open_database(tgt, db_dir, create=True)
@@ -275,10 +271,10 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     from prune2tvm.compile.build import prepare_module
     from prune2tvm.compile.tune import render_task_table, tune_module
 
-    mod = prepare_module(model, tgt, shapes, sparsify)
-    reports = tune_module(mod, tgt, database, trials, trials_per_task)
+    prepared = prepare_module(model, tgt, shapes, sparsify)
+    reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task)
     with staged_dir(output, force=force, what="a compiled model") as stage:
-        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database)
+        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, prepared=prepared)
         compiled.save(stage)
     click.echo(render_task_table(reports))
     new = sum(r.trials for r in reports if r.status == "tuned")

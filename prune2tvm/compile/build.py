@@ -160,14 +160,19 @@ def _flatten(out) -> list:
     return [t for item in out for t in _flatten(item)]
 
 
+@dataclass
+class PreparedModel:
+    """What ``compile_onnx`` builds: the imported module (static shapes, BSR-rewritten),
+    its inputs and outputs, and the per-layer decisions. ``tune`` tunes it, then builds it."""
+
+    mod: "tvm.IRModule"
+    inputs: list[InputSpec]
+    outputs: list[str]
+    layers: list[dict]
+
+
 def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
-                   sparsify: SparsifyOptions | None = None) -> "tvm.IRModule":
-    """The Relax module ``compile_onnx`` builds: imported, static shapes, BSR-rewritten."""
-    return _import_and_rewrite(onnx_path, target, input_shapes, sparsify)[0]
-
-
-def _import_and_rewrite(onnx_path, target: TargetConfig, input_shapes: dict[str, list[int]],
-                        sparsify: SparsifyOptions | None):
+                   sparsify: SparsifyOptions | None = None) -> PreparedModel:
     from prune2tvm.export.onnx_export import read_onnx_io
 
     onnx_inputs, outputs = read_onnx_io(onnx_path)
@@ -195,16 +200,19 @@ def _import_and_rewrite(onnx_path, target: TargetConfig, input_shapes: dict[str,
             layers = [d.to_json() for d in decisions]
             bsr = sum(d.kind == "bsr" for d in decisions)
             say(f"  {bsr} of {len(decisions)} weight layers rewritten to BSR")
-    return mod, specs, outputs, layers
+    return PreparedModel(mod, specs, outputs, layers)
 
 
 def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
                  real_feeds: dict[str, np.ndarray] | None = None, seed: int = 0,
                  rtol: float = 1e-4, atol: float = 1e-5, sparsify: SparsifyOptions | None = None,
-                 database=None) -> CompiledModel:
+                 database=None, prepared: PreparedModel | None = None) -> CompiledModel:
     """Import, rewrite, build (with a tuning database's schedules when given) and, where the
-    target runs here, verify against onnxruntime."""
-    mod, specs, outputs, layers = _import_and_rewrite(onnx_path, target, input_shapes, sparsify)
+    target runs here, verify against onnxruntime. ``prepared`` skips the import and rewrite
+    (``prepare_module``'s result for the same arguments)."""
+    if prepared is None:
+        prepared = prepare_module(onnx_path, target, input_shapes, sparsify)
+    mod, specs, outputs, layers = prepared.mod, prepared.inputs, prepared.outputs, prepared.layers
     target_dict = resolved_target_dict(target)
     tuned = f", tuned schedules from {database.path}" if database is not None else ""
     with phase("build", f"target {target.name}: {json.dumps(target_dict)}{tuned}"):
