@@ -27,10 +27,14 @@ demo: install
 test: install
 	PRUNE2TVM_NO_PROGRESS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-# make tune TARGET=x86 MODEL=model.onnx [TRIALS=64] [BSR=4]: tuned build in runs/tune/<target>/
+# make tune TARGET=x86 MODEL=model.onnx [TRIALS=64] [TRIALS_PER_TASK=N] [TIME_LIMIT=seconds] [BSR=4]
+#           [RPC_TRACKER=host:port RPC_KEY=key]: tuned build in runs/tune/<target>/
 tune: install
 	@test -n "$(MODEL)" || { echo "make tune needs MODEL=path/to/model.onnx (and TARGET=x86|x86-avx512|aarch64|cuda)"; exit 2; }
-	$(CLI) tune $(MODEL) --target $(TARGET) $(if $(TRIALS),--trials $(TRIALS)) $(if $(BSR),--bsr $(BSR)) -o runs/tune/$(TARGET) --force
+	$(CLI) tune $(MODEL) --target $(TARGET) $(if $(TRIALS),--trials $(TRIALS)) \
+		$(if $(TRIALS_PER_TASK),--trials-per-task $(TRIALS_PER_TASK)) $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \
+		$(if $(BSR),--bsr $(BSR)) $(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY)) \
+		-o runs/tune/$(TARGET) --force
 
 bench: install
 	PRUNE2TVM_NO_PROGRESS=1 $(PY) benchmarks/digits_latency.py

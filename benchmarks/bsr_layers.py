@@ -8,7 +8,7 @@ rounds in one process. `ideal` is the FLOP-proportional 1 / (1 - sparsity).
 With --tune-trials N, TVM dense is tuned with meta_schedule (N trials per layer shape, in a
 database kept in benchmarks/.tuning-db/) and measured too, as the second baseline.
 
-Usage: python benchmarks/bsr_layers.py [--quick] [--repeat N] [--tune-trials N]
+Usage: python benchmarks/bsr_layers.py [--quick] [--repeat N] [--tune-trials N] [--only TEXT] [--rows N]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--target", default="x86")
     parser.add_argument("--tune-trials", type=int, default=0, help="tune TVM dense with this many trials per shape")
     parser.add_argument("--only", default="", help="only cases whose label contains this (e.g. Conv)")
+    parser.add_argument("--rows", type=int, default=0, help="only linear layers with this many activation rows")
     args = parser.parse_args()
     sparsities = [0.9] if args.quick else SPARSITIES
     blocks = [(1, 1), (4, 1), (16, 1)] if args.quick else BLOCKS
@@ -83,7 +84,7 @@ def main() -> None:
         cases += [(f"Conv {k}x{k} {c}->{o} {size}x{size}", 1, block, sparsity,
                    lambda p, b, s, c=c, o=o, k=k, size=size: conv_onnx(p, c, o, k, size, b, s, seed=int(100 * s)),
                    [1, c, size, size]) for block in blocks for sparsity in sparsities]
-    cases = [c for c in cases if args.only in c[0]]
+    cases = [c for c in cases if args.only in c[0] and (not args.rows or (c[0].startswith("Linear") and c[1] == args.rows))]
     database = None
     if args.tune_trials:
         from prune2tvm.compile.build import prepare_module

@@ -245,10 +245,18 @@ def _open_database(target, db_dir: str | None, create: bool):
 @click.option("--bsr", "block_rows", type=int, default=None, help="Rewrite block-sparse layers first, as compile does.")
 @click.option("--bsc", "block_cols", type=int, default=1, show_default=True)
 @click.option("--sparsity", "threshold", default="0.5", show_default=True)
+@click.option("--time-limit", "time_limit", type=float, default=None,
+              help="Stop tuning after this many seconds (the round in flight is finished and kept).")
+@click.option("--rpc-tracker", "rpc_tracker", default=None, metavar="HOST:PORT",
+              help="Measure on the devices registered with this TVM RPC tracker (builds stay here).")
+@click.option("--rpc-key", "rpc_key", default=None, help="The devices' key at the tracker.")
+@click.option("--rpc-wait", "rpc_wait", default=60.0, show_default=True, type=float,
+              help="Seconds to wait for a free device under the key.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory for the tuned build.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def tune(model: str, target: str | None, trials: int, trials_per_task: int | None, db_dir: str | None,
          batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None, block_cols: int, threshold: str,
+         time_limit: float | None, rpc_tracker: str | None, rpc_key: str | None, rpc_wait: float,
          output: str, force: bool) -> None:
     """Tune a model's dense operators with meta_schedule into a persistent database, then
     build, verify and save the tuned model. Tasks already tuned are not tuned again."""
@@ -258,10 +266,15 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     _require_file(model, "ONNX model")
     sparsify = _sparsify_options(block_rows, block_cols, threshold)
     tgt = load_target(target or DEFAULT_TARGET)
-    ok, why = tgt.runs_here()
-    if not ok:
-        raise UnsupportedError(f"tuning measures on the device and {tgt.name} cannot run here ({why}); tuning "
-                               "through a TVM RPC tracker (--rpc-tracker HOST:PORT --rpc-key KEY) is not available yet")
+    from prune2tvm.compile.remote import RpcDevice
+    from prune2tvm.compile.tune import check_can_measure
+
+    if rpc_key and not rpc_tracker:
+        raise InputError("--rpc-key needs --rpc-tracker HOST:PORT")
+    rpc = RpcDevice.parse(rpc_tracker, rpc_key, rpc_wait) if rpc_tracker else None
+    check_can_measure(tgt, rpc)
+    if time_limit is not None and time_limit <= 0:
+        raise InputError(f"--time-limit {time_limit} must be positive (seconds)")
     if Path(output).exists() and not force:
         raise OutputExistsError(f"a compiled model already exists at {output}; pass --force to replace it")
     shapes = _input_shapes(model, batch_size, input_shapes)
@@ -272,12 +285,17 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     from prune2tvm.compile.tune import render_task_table, tune_module
 
     prepared = prepare_module(model, tgt, shapes, sparsify)
-    reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task)
+    try:
+        reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task, time_limit_s=time_limit, rpc=rpc)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the records measured so far are kept in {database.path}; run the same command to "
+                   "resume", err=True)
+        sys.exit(130)
     with staged_dir(output, force=force, what="a compiled model") as stage:
         compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, prepared=prepared)
         compiled.save(stage)
     click.echo(render_task_table(reports))
-    new = sum(r.trials for r in reports if r.status == "tuned")
+    new = sum(r.trials for r in reports if r.status not in ("already tuned", "hand-scheduled"))
     click.echo(f"wrote {output} ({'verified against onnxruntime' if compiled.info.verified else 'not verified'}); "
                f"{new} new trials")
 

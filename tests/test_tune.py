@@ -73,7 +73,7 @@ def test_compile_applies_a_database_and_refuses_a_foreign_one(tuned, tmp_path):
 def test_tuning_refuses_what_it_cannot_do(tuned, tmp_path):
     tmp, model, _ = tuned
     result = run_cli("tune", model, "--target", "cuda", "-o", tmp_path / "out")
-    assert result.exit_code == 2 and "cuda cannot run here" in result.output and "RPC" in result.output
+    assert result.exit_code == 2 and "this machine has none" in result.output and "--rpc-tracker" in result.output
     result = run_cli("compile", model, "--db", tmp_path / "nothing", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "no tuning database there" in result.output
     result = run_cli("tune", model, "--trials", 0, "-o", tmp_path / "out")
@@ -97,3 +97,49 @@ def test_an_interrupted_write_is_set_aside_and_tuning_resumes(tuned, tmp_path):
     assert records.read_text() == complete
     aside = list(db.glob("records.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text().strip() == complete.splitlines()[0][: len(complete.splitlines()[0]) // 2]
+
+
+def one_matmul(path, k, n, rows=8, seed=0):
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "one_layer",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [rows, k])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [rows, n])],
+                              [numpy_helper.from_array(w, "w")])
+    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_killed_run_resumes_and_a_time_limit_stops_tuning(tmp_path):
+    """SIGKILL in the middle of tuning leaves a readable database; the next run (here with a
+    time limit that ends it after its first round) goes on from the records it has."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = one_matmul(tmp_path / "m.onnx", 40, 24)
+    db = tmp_path / "db"
+    env = {**os.environ, "PRUNE2TVM_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "prune2tvm", "tune", str(model), "--trials", "64",
+                             "--db", str(db), "-o", str(tmp_path / "never")], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((db / "records.json").exists() and (db / "records.json").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no record was written"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kept = len((db / "records.json").read_text().strip().splitlines())
+    assert kept >= 1 and not (tmp_path / "never").exists()
+
+    result = run_cli("tune", model, "--trials", 64, "--time-limit", 1, "--db", db, "-o", tmp_path / "tuned")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| matmul |"))
+    assert row.split("|")[3].strip() in (f"resumed after {kept}", "untuned kept (faster)")
+    assert "time limit of 1 s reached after 8 trials: stopping" in result.output
+    assert 1 <= int(row.split("|")[4]) <= 8  # one round, not the 64 asked for
+    assert len((db / "records.json").read_text().strip().splitlines()) > kept
+    assert json.loads((tmp_path / "tuned" / "compile.json").read_text())["verified"]

@@ -24,6 +24,7 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 import prune2tvm
+from prune2tvm.compile.remote import RpcDevice
 from prune2tvm.compile.target import device, resolved_target_dict, tvm_target
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import InputError, UnsupportedError
@@ -32,6 +33,13 @@ from prune2tvm.progress import say
 
 DB_FORMAT_VERSION = 1
 META_NAME = "meta.json"
+FINISHED_NAME = "finished.json"  # tasks whose tuning ran to the end (others are resumed)
+
+
+def _task_hash(mod: tvm.IRModule) -> str:
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod):x}"
 
 
 def default_cache_dir() -> Path:
@@ -69,6 +77,7 @@ class TuningDatabase:
                                            f"{meta.get(key)!r}, not {expected[key]!r}; use another --db directory")
         elif create:
             ensure_writable_dir(self.path)
+            write_json(self.path / FINISHED_NAME, [])
             write_json(meta_path, expected)
         else:
             raise InputError(f"{self.path}: no tuning database here ({META_NAME} is missing)")
@@ -85,6 +94,35 @@ class TuningDatabase:
         if not records or not records[0].run_secs:
             return None
         return float(np.mean([float(s) for s in records[0].run_secs]))
+
+
+    def _finished(self) -> set[str] | None:
+        """Structural hashes of the tasks whose tuning ran to the end; None for a database
+        made before this was kept (where any record means finished)."""
+        path = self.path / FINISHED_NAME
+        if not path.exists():
+            return None
+        try:
+            return set(json.loads(path.read_text()))
+        except ValueError:
+            return set()  # unreadable: tasks are resumed, nothing is lost
+
+    def is_finished(self, mod: tvm.IRModule) -> bool:
+        finished = self._finished()
+        return finished is None or _task_hash(mod) in finished
+
+    def mark_finished(self, mods: list[tvm.IRModule]) -> None:
+        finished = self._finished() or set()
+        write_json(self.path / FINISHED_NAME, sorted(finished | {_task_hash(m) for m in mods}))
+
+    def keep_untuned(self, mod: tvm.IRModule, target: tvm.target.Target, seconds: float) -> None:
+        """Record TVM's default (untuned) schedule of ``mod`` with its measured time, so that
+        a build applies it rather than a tuned record that measured slower."""
+        from tvm.s_tir import Schedule
+
+        self.ms.commit_tuning_record(ms.database.TuningRecord(
+            trace=Schedule(mod).trace, workload=self.ms.commit_workload(mod), run_secs=[seconds], target=target,
+            args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
 
 
 def _set_aside_broken_lines(path: Path) -> None:
@@ -128,7 +166,7 @@ def prepare_passes(target: tvm.target.Target) -> list:
 class TaskReport:
     name: str
     weight: int
-    status: str  # "tuned", "already tuned", "hand-scheduled"
+    status: str  # "tuned", "untuned kept (faster)", "already tuned", "hand-scheduled"
     trials: int
     before_us: float | None
     after_us: float | None
@@ -138,14 +176,18 @@ class TaskReport:
 
 
 def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, trials: int,
-                trials_per_task: int | None = None, trials_per_round: int = 8) -> list[TaskReport]:
-    """Tune every task of ``mod`` not yet in ``db``, within ``trials`` measurements in all."""
-    ok, why = target.runs_here()
-    if not ok:
-        raise UnsupportedError(f"tuning measures candidates on the device, and {target.name} cannot run here ({why}); "
-                               "tuning on a remote device through TVM RPC (--rpc-tracker) is not available yet")
+                trials_per_task: int | None = None, trials_per_round: int = 8, time_limit_s: float | None = None,
+                rpc: RpcDevice | None = None) -> list[TaskReport]:
+    """Tune every task of ``mod`` not yet in ``db``, within ``trials`` measurements in all and,
+    if given, ``time_limit_s`` seconds (the round in flight when it runs out is finished and
+    kept). With ``rpc``, candidates are built here and measured on the devices under the
+    tracker's key, as many in parallel as there are devices."""
     if trials < 1 or (trials_per_task is not None and trials_per_task < 1):
         raise InputError("--trials and --trials-per-task must be positive")
+    if time_limit_s is not None and time_limit_s <= 0:
+        raise InputError(f"--time-limit {time_limit_s} must be positive (seconds)")
+    check_can_measure(target, rpc)
+    devices = rpc.wait_for_devices() if rpc is not None else 1
     tgt = tvm_target(target)
     with tgt:
         prepared = tvm.transform.Sequential(prepare_passes(tgt))(mod)
@@ -157,43 +199,86 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
             reports.append(TaskReport(task.task_name, task.weight, "hand-scheduled", 0, None, None))
             continue
         best = db.best_seconds(task.dispatched[0], tgt)
-        if best is not None:
+        if best is not None and db.is_finished(task.dispatched[0]):
             reports.append(TaskReport(task.task_name, task.weight, "already tuned", 0, None, best * 1e6))
             continue
-        todo.append((task, TaskReport(task.task_name, task.weight, "tuned", 0,
-                                      _untuned_us(task.dispatched[0], target), None)))
+        # a task with records but not finished was interrupted (Ctrl-C, a kill, a time limit):
+        # it is tuned on, its search seeded from the records it has
+        earlier = _trial_count(db, task.dispatched[0])
+        todo.append((task, TaskReport(task.task_name, task.weight, f"resumed after {earlier}" if earlier else "tuned",
+                                      0, _untuned_us(task.dispatched[0], target, rpc), None), earlier))
     if todo:
         budget = trials if trials_per_task is None else min(trials, trials_per_task * len(todo))
-        say(f"  tuning {len(todo)} task(s) with {budget} trials ({trials_per_round} per round); "
+        where = f" on {devices} device(s) under key {rpc.key!r} at {rpc.address}" if rpc is not None else ""
+        limit = f", at most {time_limit_s:.0f} s" if time_limit_s is not None else ""
+        say(f"  tuning {len(todo)} task(s) with {budget} trials ({trials_per_round} per round{limit}){where}; "
             f"{len(reports)} task(s) need none")
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        # a previous tuning in this process left its handlers (files in a deleted work dir, some
+        # unnamed, which meta_schedule's logging config then fails on): start clean
+        for handler in list(ms_logger.handlers):
+            ms_logger.removeHandler(handler)
+            handler.close()
         if not os.environ.get("PRUNE2TVM_TUNE_VERBOSE"):  # meta_schedule logs every step to the console
-            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+            ms_logger.setLevel(logging.WARNING)
         with tempfile.TemporaryDirectory(prefix="prune2tvm-tune-") as work_dir:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [t for t, _ in todo], work_dir, num_threads="physical")
-            callbacks = ms.measure_callback.MeasureCallback.create("default") + [
-                _progress_callback([t.task_name for t, _ in todo], budget)]
+                [t for t, _, _ in todo], work_dir, num_threads="physical")
             start = time.perf_counter()
+            progress = _progress_callback([t.task_name for t, _, _ in todo], budget, start, time_limit_s)
+            callbacks = ms.measure_callback.MeasureCallback.create("default") + [progress]
+            runner = "local"
+            if rpc is not None:
+                runner = ms.runner.RPCRunner(rpc_config=rpc.ms_config(), max_workers=devices,
+                                             evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
+                                                                                        min_repeat_ms=40))
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=budget,
                           max_trials_per_task=trials_per_task, num_trials_per_iter=trials_per_round,
-                          database=db.ms, measure_callbacks=callbacks)
+                          database=db.ms, measure_callbacks=callbacks, runner=runner)
             say(f"  tuned in {time.perf_counter() - start:.0f} s")
-        for task, report in todo:
+        for task, report, earlier in todo:
             best = db.best_seconds(task.dispatched[0], tgt)
             report.after_us = None if best is None else best * 1e6
-            report.trials = _trial_count(db, task.dispatched[0])
+            report.trials = _trial_count(db, task.dispatched[0]) - earlier
+            if target.kind != "cuda" and report.before_us is not None and (
+                    report.after_us is None or report.after_us > report.before_us):
+                # on CPU the untuned function is a valid schedule: keep it when no candidate beat it
+                db.keep_untuned(task.dispatched[0], tgt, report.before_us * 1e-6)
+                report.status = "untuned kept (faster)"
+                report.after_us = report.before_us
             reports.append(report)
+        if not progress.stopped:  # a task stopped by the time limit is resumed by the next run
+            db.mark_finished([task.dispatched[0] for task, _, _ in todo])
     return reports
 
 
-def _progress_callback(names: list[str], total: int):
-    """Prints a line per batch of measurements: trials so far and the best latency of the task."""
+def check_can_measure(target: TargetConfig, rpc: RpcDevice | None) -> None:
+    """Tuning measures candidates on the device: here, or through an RPC tracker."""
+    if rpc is not None:
+        return
+    ok, why = target.runs_here()
+    if ok:
+        return
+    if target.kind == "cuda":
+        raise UnsupportedError(f"tuning for {target.name} measures on an NVIDIA GPU and this machine has none ({why}); "
+                               "on the GPU machine run python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY, "
+                               "then tune here with --rpc-tracker HOST:PORT --rpc-key KEY (make tune TARGET=cuda "
+                               "RPC_TRACKER=HOST:PORT RPC_KEY=KEY)")
+    raise UnsupportedError(f"tuning for {target.name} measures on the device, which is not this machine ({why}); "
+                           "run python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY on the device, then "
+                           "tune here with --rpc-tracker HOST:PORT --rpc-key KEY")
+
+
+def _progress_callback(names: list[str], total: int, start: float, time_limit_s: float | None):
+    """Prints a line per batch of measurements: trials so far and the best latency of the task;
+    ends tuning (every task) once ``time_limit_s`` has passed."""
     from tvm.ir.utils import derived_object
 
     @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
         def __init__(self):
             self.done = 0
+            self.stopped = False
             self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
@@ -204,6 +289,11 @@ def _progress_callback(names: list[str], total: int):
                 self.best[task_id] = min(times + ([self.best[task_id]] if task_id in self.best else []))
             best = f"best {self.best[task_id] * 1e6:.1f} us" if task_id in self.best else "no valid candidate yet"
             say(f"  trials {self.done}/{total}: {names[task_id]} {best}")
+            if time_limit_s is not None and time.perf_counter() - start >= time_limit_s and not self.stopped:
+                self.stopped = True
+                say(f"  time limit of {time_limit_s:.0f} s reached after {self.done} trials: stopping")
+                for i in range(len(names)):
+                    task_scheduler.terminate_task(i)
 
     return Progress()
 
@@ -214,15 +304,27 @@ def _trial_count(db: TuningDatabase, mod: tvm.IRModule) -> int:
     return len(db.ms.get_top_k(db.ms.commit_workload(mod), 10**6))
 
 
-def _untuned_us(mod: tvm.IRModule, target: TargetConfig) -> float | None:
-    """The task's latency as TVM builds it without tuning (random inputs)."""
+def _untuned_us(mod: tvm.IRModule, target: TargetConfig, rpc: RpcDevice | None = None) -> float | None:
+    """The task's latency as TVM builds it without tuning (random inputs), here or on the
+    RPC device."""
     try:
         lib = tvm.compile(mod, tvm_target(target))
-        dev = device(target)
         rng = np.random.default_rng(0)
-        args = [tvm.runtime.tensor(rng.random([int(d) for d in info.shape]).astype(str(info.dtype)), dev)
-                for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
-        timer = lib.jit().time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=20)
+        values = [rng.random([int(d) for d in info.shape]).astype(str(info.dtype))
+                  for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
+        if rpc is None:
+            dev = device(target)
+            module = lib.jit()
+        else:
+            session = rpc.session()
+            with tempfile.TemporaryDirectory(prefix="prune2tvm-untuned-") as tmp:
+                path = Path(tmp) / "task.tar"
+                lib.mod.export_library(str(path))
+                session.upload(str(path))
+            module = session.load_module("task.tar")
+            dev = session.device(device(target).dlpack_device_type(), 0)
+        args = [tvm.runtime.tensor(v, dev) for v in values]
+        timer = module.time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=20)
         return float(np.median(timer(*args).results) * 1e6)
     except Exception:  # a task that cannot be run on its own: report no "before" figure
         return None

@@ -74,19 +74,19 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int):
                 for a in T.unroll(A):
                     for r in T.vectorized(R):
                         acc[a, r] = T.cast(0, dtype)
-                start = indptr[i]
-                count = indptr[i + 1] - start
-                for q in range(count // A):
+                # indptr is read inline: a name bound here (``start = indptr[i]``) becomes a
+                # one-element buffer, i.e. a workspace allocation per block row.
+                for q in range((indptr[i + 1] - indptr[i]) // A):
                     for a in T.unroll(A):
                         for c in T.unroll(C):
                             for r in T.vectorized(R):
-                                acc[a, r] = acc[a, r] + data[start + q * A + a, r, c] * \
-                                    x[m, indices[start + q * A + a] * C + c]
-                for t in range(count % A):
+                                acc[a, r] = acc[a, r] + data[indptr[i] + q * A + a, r, c] * \
+                                    x[m, indices[indptr[i] + q * A + a] * C + c]
+                for t in range((indptr[i + 1] - indptr[i]) % A):
                     for c in T.unroll(C):
                         for r in T.vectorized(R):
-                            acc[0, r] = acc[0, r] + data[start + (count // A) * A + t, r, c] * \
-                                x[m, indices[start + (count // A) * A + t] * C + c]
+                            acc[0, r] = acc[0, r] + data[indptr[i + 1] - t - 1, r, c] * \
+                                x[m, indices[indptr[i + 1] - t - 1] * C + c]
                 for a in range(1, A):
                     for r in T.vectorized(R):
                         acc[0, r] = acc[0, r] + acc[a, r]

@@ -1,0 +1,166 @@
+"""Tuning on remote devices through TVM's RPC tracker: a tracker and two servers on 127.0.0.1
+stand in for a fleet of boards. Every process started here is ended, children included."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper, save
+
+from prune2tvm.cli import cli
+
+KEY = "prune2tvm-test"
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, log):
+    """A TVM RPC process in its own process group (its forked and popen children join it)."""
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def end_all(procs):
+    """SIGTERM, then SIGKILL, each process group; returns every pid that was part of them."""
+    pids = set()
+    for p in procs:
+        try:
+            pids |= {p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))}
+        except psutil.NoSuchProcess:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.1)
+    return pids
+
+
+def alive(pids):
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rpc")
+    port = free_port()
+    logs = [open(tmp / name, "w") for name in ("tracker.log", "server1.log", "server2.log")]
+    procs = [start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end",
+                    str(port + 1)], logs[0])]
+    try:
+        from tvm import rpc
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert procs[0].poll() is None, (tmp / "tracker.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "the RPC tracker did not start"
+                time.sleep(0.2)
+        for log in logs[1:]:
+            base = free_port()
+            procs.append(start(["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", KEY,
+                                "--host", "127.0.0.1", "--port", str(base), "--port-end", str(base + 50)], log))
+        while True:
+            tracker = rpc.connect_tracker("127.0.0.1", port)
+            registered = sum(1 for item in tracker.summary()["server_info"] if item["key"].endswith(KEY))
+            tracker.close()
+            if registered == 2:
+                break
+            assert time.monotonic() < deadline, "the RPC servers did not register with the tracker"
+            time.sleep(0.3)
+        yield tmp, port, procs
+    finally:
+        pids = end_all(procs)
+        for log in logs:
+            log.close()
+        assert not alive(pids), f"processes left behind: {alive(pids)}"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rpc-model")
+    w = np.random.default_rng(1).standard_normal((48, 24)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["mm"]),
+                               helper.make_node("Relu", ["mm"], ["output"])], "one_layer",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4, 48])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [4, 24])],
+                              [numpy_helper.from_array(w, "w")])
+    path = tmp / "one.onnx"
+    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_tuning_measures_on_both_rpc_devices(fleet, model, tmp_path):
+    tmp, port, procs = fleet
+    result = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "--rpc-tracker", f"127.0.0.1:{port}",
+                     "--rpc-key", KEY, "-o", tmp_path / "tuned")
+    assert result.exit_code == 0, result.output
+    assert f"on 2 device(s) under key '{KEY}'" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| fused_matmul"))
+    assert int(row.split("|")[4]) >= 1
+    # each server loaded measured modules (the tracker hands sessions out in turn)
+    loads = [(tmp / name).read_text().count("load_module") for name in ("server1.log", "server2.log")]
+    assert all(n >= 1 for n in loads) and sum(loads) >= 4, loads
+    assert (tmp_path / "tuned" / "compile.json").exists()
+    # the records are usable: a second run does no new trials
+    result = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "--rpc-tracker", f"127.0.0.1:{port}",
+                     "--rpc-key", KEY, "-o", tmp_path / "tuned", "--force")
+    assert result.exit_code == 0 and "0 new trials" in result.output, result.output
+
+
+def test_an_unreachable_tracker_fails_fast(model, tmp_path):
+    start = time.monotonic()
+    result = run_cli("tune", model, "--rpc-tracker", f"127.0.0.1:{free_port()}", "--rpc-key", KEY,
+                     "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "cannot reach the RPC tracker at 127.0.0.1:" in result.output
+    assert time.monotonic() - start < 15
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_key_without_devices_waits_then_says_so(fleet, model, tmp_path):
+    _, port, _ = fleet
+    result = run_cli("tune", model, "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "no-such-board",
+                     "--rpc-wait", 2, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "waiting up to 2 s for a free device under key 'no-such-board'" in result.output
+    assert "no free device under key 'no-such-board'" in result.output and KEY in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rpc-tracker", "localhost"], "is not HOST:PORT"),
+    (["--rpc-tracker", "127.0.0.1:9190"], "needs --rpc-key"),
+    (["--rpc-key", KEY], "--rpc-key needs --rpc-tracker"),
+    (["--time-limit", "0"], "--time-limit 0.0 must be positive"),
+])
+def test_bad_rpc_options_are_one_line_errors(model, tmp_path, args, message):
+    result = run_cli("tune", model, *args, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and message in result.output, result.output
