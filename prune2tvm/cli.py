@@ -284,9 +284,19 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     from prune2tvm.compile.build import prepare_module
     from prune2tvm.compile.tune import render_task_table, tune_module
 
-    prepared = prepare_module(model, tgt, shapes, sparsify)
+    prepared = prepare_module(model, tgt, shapes, sparsify, database)
+    bsr_reports = []
     try:
         reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task, time_limit_s=time_limit, rpc=rpc)
+        if prepared.bsr_kernels and rpc is None and tgt.kind != "cuda":
+            from prune2tvm.compile.bsr_tune import BsrRecords, tune_bsr_kernels
+
+            bsr_reports = tune_bsr_kernels(prepared.bsr_kernels, tgt, BsrRecords.open(database.path))
+            if any(r.status == "tuned" for r in bsr_reports):  # rebuild the kernels with what was found
+                prepared = prepare_module(model, tgt, shapes, sparsify, database)
+        elif prepared.bsr_kernels:
+            click.echo("BSR kernels: their parameter search measures on this machine only; not searched for "
+                       f"{'an RPC device' if rpc is not None else tgt.name}")
     except KeyboardInterrupt:
         click.echo(f"interrupted: the records measured so far are kept in {database.path}; run the same command to "
                    "resume", err=True)
@@ -295,7 +305,12 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
         compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, prepared=prepared)
         compiled.save(stage)
     click.echo(render_task_table(reports))
+    if bsr_reports:
+        from prune2tvm.compile.bsr_tune import render_bsr_table
+
+        click.echo(render_bsr_table(bsr_reports))
     new = sum(r.trials for r in reports if r.status not in ("already tuned", "hand-scheduled"))
+    new += sum(r.candidates for r in bsr_reports)
     click.echo(f"wrote {output} ({'verified against onnxruntime' if compiled.info.verified else 'not verified'}); "
                f"{new} new trials")
 

@@ -10,7 +10,8 @@ import tvm
 from hypothesis import given, settings, strategies as st
 
 from prune2tvm.compile.build import cuda_sources
-from prune2tvm.compile.kernels.bsr_matmul import GEMV_MAX_ROWS, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda
+from prune2tvm.compile.kernels.bsr_matmul import (FLT_MAX, GEMV_MAX_ROWS, NO_EPILOGUE, BsrMatmulShape, Epilogue,
+                                                  bsr_matmul_cpu, bsr_matmul_cuda)
 from prune2tvm.sparse import BsrMatrix, block_sparsity, bsr_matmul_reference
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("target.llvm_get_system_cpu")()})
@@ -24,11 +25,12 @@ def block_sparse_weight(rng, n, k, block, sparsity, empty_rows=()):
     return (rng.standard_normal((n, k)) * np.repeat(np.repeat(keep, r, 0), c, 1)).astype(np.float32)
 
 
-def run_cpu(x, bsr, lanes=16):
+def run_cpu(x, bsr, lanes=16, bias=None, epilogue=NO_EPILOGUE):
     m, k = x.shape
-    func = bsr_matmul_cpu(BsrMatmulShape(m, k, bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes)
+    func = bsr_matmul_cpu(BsrMatmulShape(m, k, bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes, epilogue=epilogue)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
-    args = [tvm.runtime.tensor(a) for a in (x, *bsr.kernel_arrays())]
+    bias = np.zeros(bsr.shape[0], np.float32) if bias is None else bias
+    args = [tvm.runtime.tensor(a) for a in (x, *bsr.kernel_arrays(), bias)]
     out = tvm.runtime.empty((m, bsr.shape[0]), "float32")
     lib["main"](*args, out)
     return out.numpy()
@@ -103,3 +105,15 @@ def test_cuda_kernel_builds_and_compiles_with_nvcc():
     assert "blockIdx.x" in source and "threadIdx.x" in source
     with target:
         assert nvcc.compile_cuda(source, target_format="fatbin", arch="sm_80", compiler="nvcc")
+
+
+@pytest.mark.parametrize("m", [1, 37])  # the GEMV and the GEMM path
+def test_fused_bias_and_relu_match_numpy(m):
+    rng = np.random.default_rng(m)
+    w = block_sparse_weight(rng, 48, 32, (4, 1), 0.7, empty_rows=[2])
+    x = rng.standard_normal((m, 32)).astype(np.float32)
+    bias = rng.standard_normal(48).astype(np.float32)
+    got = run_cpu(x, BsrMatrix.from_dense(w, (4, 1)), bias=bias, epilogue=Epilogue(0.0, FLT_MAX))
+    want = np.maximum(x @ w.T + bias, 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (got == 0).any() and (got > 0).any()  # the clamp did something, not everything

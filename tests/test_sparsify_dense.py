@@ -79,8 +79,12 @@ def test_rewrite_replaces_sparse_matmuls_with_bsr_kernel_calls(mixed_onnx):
     assert [(d.name, d.kind) for d in decisions] == [("fc1.weight", "bsr"), ("fc2.weight", "bsr"), ("head.weight", "dense")]
     assert decisions[0].block_sparsity == pytest.approx(0.8, abs=0.05)
     assert decisions[2].reason == "[10, 12] does not divide into 4x1 blocks; left dense"
-    ops = ops_in(new["main"])
+    ops, before = ops_in(new["main"]), ops_in(mod["main"])
     assert ops.count("relax.matmul") == 1 and ops.count("relax.call_tir") == 2
+    # fc1's and fc2's bias adds and ReLUs are folded into their kernels
+    assert [d.reason.split("; ", 1)[1] for d in decisions[:2]] == ["bias fused; relu fused"] * 2
+    assert before.count("relax.add") - ops.count("relax.add") == 2
+    assert before.count("relax.nn.relu") - ops.count("relax.nn.relu") == 2
     assert ops.count("relax.nn.conv2d") == 3  # convs stay dense (their rewrite is separate)
     kernels = [f for f in new.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(kernels) == 2 and all(f.attrs["tirx.is_scheduled"] for f in kernels)
@@ -91,6 +95,7 @@ def test_rewrite_replaces_sparse_matmuls_with_bsr_kernel_calls(mixed_onnx):
     assert [shapes[0] for shapes in arg_shapes] == [[2, 128], [2, 64]]  # activations
     assert all(shapes[1][1:] == [4, 1] for shapes in arg_shapes)  # the kept 4x1 blocks
     assert arg_shapes[0][3] == [64 // 4 + 1]  # indptr: one entry per block row, plus one
+    assert arg_shapes[0][4] == [64]  # the fused bias
 
 
 def test_nothing_sparse_enough_leaves_the_module_as_it_was(mixed_onnx):

@@ -16,16 +16,21 @@ def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+def one_matmul(path, k, n, rows=8, seed=0, w=None):
+    """An ONNX model of one MatMul by a constant [k, n] (random unless ``w`` is given)."""
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) if w is None else w
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "one_layer",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [rows, k])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [rows, n])],
+                              [numpy_helper.from_array(w, "w")])
+    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
-    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "one_layer",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [8, 64])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [8, 32])],
-                              [numpy_helper.from_array(w, "w")])
-    model = tmp / "one.onnx"
-    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    model = one_matmul(tmp / "one.onnx", 64, 32)
     result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned")
     assert result.exit_code == 0, result.output
     return tmp, model, result.output
@@ -33,13 +38,19 @@ def tuned(tmp_path_factory):
 
 def test_tuning_fills_a_database_and_builds_a_verified_model(tuned):
     tmp, _, output = tuned
-    # a candidate may fail to build or run on a loaded machine: between 1 and 4 records
+    # a candidate may fail to build or run on a loaded machine: between 1 and 4 trials
     row = next(line for line in output.splitlines() if line.startswith("| matmul |"))
-    assert row.split("|")[3].strip() == "tuned" and 1 <= int(row.split("|")[4]) <= 4
+    status, trials, untuned, tuned = (cell.strip() for cell in row.split("|")[3:7])
+    assert 1 <= int(trials) <= 4
+    records = [json.loads(line) for line in (tmp / "db" / "records.json").read_text().strip().splitlines()]
+    if status == "tuned":  # a candidate beat TVM's default schedule
+        assert float(tuned) <= float(untuned) and 1 <= len(records) <= int(trials)
+    else:  # none did (4 trials is few): the default schedule is recorded with its time, and wins
+        assert status == "untuned kept (faster)" and tuned == untuned and 2 <= len(records) <= int(trials) + 1
+        best = min(sum(r[1][1]) / len(r[1][1]) for r in records if r[1][1])
+        assert best == pytest.approx(float(untuned) * 1e-6, abs=0.06e-6)  # the table rounds to 0.1 us
     meta = json.loads((tmp / "db" / "meta.json").read_text())
     assert meta["tvm_version"] == "0.27.0.post1" and meta["target"]["kind"] == "llvm"
-    records = (tmp / "db" / "records.json").read_text().strip().splitlines()
-    assert 1 <= len(records) <= 4
     info = json.loads((tmp / "tuned" / "compile.json").read_text())
     assert info["verified"] and info["tuning_database"] == str(tmp / "db")
 
@@ -99,16 +110,6 @@ def test_an_interrupted_write_is_set_aside_and_tuning_resumes(tuned, tmp_path):
     assert len(aside) == 1 and aside[0].read_text().strip() == complete.splitlines()[0][: len(complete.splitlines()[0]) // 2]
 
 
-def one_matmul(path, k, n, rows=8, seed=0):
-    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "one_layer",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [rows, k])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [rows, n])],
-                              [numpy_helper.from_array(w, "w")])
-    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def test_a_killed_run_resumes_and_a_time_limit_stops_tuning(tmp_path):
     """SIGKILL in the middle of tuning leaves a readable database; the next run (here with a
     time limit that ends it after its first round) goes on from the records it has."""
@@ -138,8 +139,44 @@ def test_a_killed_run_resumes_and_a_time_limit_stops_tuning(tmp_path):
     result = run_cli("tune", model, "--trials", 64, "--time-limit", 1, "--db", db, "-o", tmp_path / "tuned")
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if line.startswith("| matmul |"))
-    assert row.split("|")[3].strip() in (f"resumed after {kept}", "untuned kept (faster)")
+    status = row.split("|")[3].strip()
+    assert status.startswith("resumed after ") or status == "untuned kept (faster)", status
     assert "time limit of 1 s reached after 8 trials: stopping" in result.output
     assert 1 <= int(row.split("|")[4]) <= 8  # one round, not the 64 asked for
     assert len((db / "records.json").read_text().strip().splitlines()) > kept
     assert json.loads((tmp_path / "tuned" / "compile.json").read_text())["verified"]
+
+
+def test_bsr_kernels_are_searched_keyed_by_their_block_pattern(tmp_path):
+    """`tune --bsr` measures each BSR kernel's parameter sets on this machine, keeps the
+    fastest in the database (keyed by shape and block pattern) and builds with it."""
+    from prune2tvm.compile.bsr_tune import kernel_key
+    from prune2tvm.compile.build import simd_lanes
+    from prune2tvm.config import load_target
+    from prune2tvm.compile.kernels.bsr_matmul import BsrMatmulShape
+    from prune2tvm.sparse import BsrMatrix
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 96)).astype(np.float32) * np.repeat(rng.random((64, 24)) >= 0.8, 4, 1)  # [K, N]
+    model = one_matmul(tmp_path / "sparse.onnx", 64, 96, rows=1, w=w)
+    args = ["tune", model, "--trials", 1, "--bsr", 4, "--db", tmp_path / "db", "-o", tmp_path / "tuned"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| matmul 1x64->96 4x1"))
+    assert row.split("|")[2].strip() == "tuned" and int(row.split("|")[3]) == 4  # accumulators 4, 1, 2, 8
+    records = json.loads((tmp_path / "db" / "bsr.json").read_text())
+    (key, record), = records.items()
+    assert record["best_us"] == min(record["candidates"].values())
+    assert json.loads((tmp_path / "tuned" / "compile.json").read_text())["verified"]
+
+    result = run_cli(*args, "--force")  # nothing new to measure
+    assert result.exit_code == 0 and "| matmul 1x64->96 4x1" in result.output and "0 new trials" in result.output
+
+    # one shape, two block patterns: two keys; the same pattern: the same key
+    bsr = BsrMatrix.from_dense(np.ascontiguousarray(w.T), (4, 1))
+    other = BsrMatrix.from_dense(np.ascontiguousarray(w.T[:, ::-1]), (4, 1))
+    assert other.nnzb == bsr.nnzb
+    shape = BsrMatmulShape(1, 64, 96, (4, 1), bsr.nnzb)
+    lanes = simd_lanes(load_target("x86"))
+    assert kernel_key("matmul", shape, lanes, [bsr.indptr, bsr.indices]) == key
+    assert kernel_key("matmul", shape, lanes, [other.indptr, other.indices]) != key

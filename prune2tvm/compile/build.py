@@ -169,10 +169,12 @@ class PreparedModel:
     inputs: list[InputSpec]
     outputs: list[str]
     layers: list[dict]
+    bsr_kernels: list = field(default_factory=list)  # BsrKernelSpec per tunable BSR kernel
 
 
 def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
-                   sparsify: SparsifyOptions | None = None) -> PreparedModel:
+                   sparsify: SparsifyOptions | None = None, database=None) -> PreparedModel:
+    """Import and rewrite; BSR kernels take their tuned parameters from ``database``."""
     from prune2tvm.export.onnx_export import read_onnx_io
 
     onnx_inputs, outputs = read_onnx_io(onnx_path)
@@ -180,7 +182,7 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
     unknown = sorted(set(input_shapes) - set(names))
     if unknown:
         raise InputError(f"{onnx_path}: no input named {', '.join(unknown)}; its inputs: {', '.join(names)}")
-    specs = []
+    inputs = []
     for name, dims in onnx_inputs:
         shape = input_shapes.get(name, dims)
         if shape is None or any(d is None or d <= 0 for d in shape):
@@ -188,19 +190,22 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
         if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
             raise InputError(f"{onnx_path}: input {name!r} has shape {dims} in the model; cannot build it for "
                              f"{list(shape)} (only dynamic dimensions can be set)")
-        specs.append(InputSpec(name, [int(d) for d in shape]))
+        inputs.append(InputSpec(name, [int(d) for d in shape]))
 
-    with phase("import", f"{Path(onnx_path).name} with {', '.join(f'{s.name}{s.shape}' for s in specs)}"):
-        mod = import_onnx(onnx_path, {s.name: s.shape for s in specs})
-    layers = []
+    with phase("import", f"{Path(onnx_path).name} with {', '.join(f'{s.name}{s.shape}' for s in inputs)}"):
+        mod = import_onnx(onnx_path, {s.name: s.shape for s in inputs})
+    layers, specs = [], {}
     if sparsify is not None:
         rule = "auto (measured per layer)" if sparsify.auto else f"threshold {sparsify.threshold:g}"
         with phase("sparsify", f"{sparsify.block[0]}x{sparsify.block[1]} blocks, {rule}"):
-            mod, decisions = sparsify_module(mod, onnx_path, target, sparsify)
+            from prune2tvm.compile.bsr_tune import BsrRecords
+
+            records = BsrRecords.open(database.path) if database is not None else None
+            mod, decisions = sparsify_module(mod, onnx_path, target, sparsify, records, specs)
             layers = [d.to_json() for d in decisions]
             bsr = sum(d.kind == "bsr" for d in decisions)
             say(f"  {bsr} of {len(decisions)} weight layers rewritten to BSR")
-    return PreparedModel(mod, specs, outputs, layers)
+    return PreparedModel(mod, inputs, outputs, layers, list(specs.values()))
 
 
 def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
@@ -211,7 +216,7 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
     target runs here, verify against onnxruntime. ``prepared`` skips the import and rewrite
     (``prepare_module``'s result for the same arguments)."""
     if prepared is None:
-        prepared = prepare_module(onnx_path, target, input_shapes, sparsify)
+        prepared = prepare_module(onnx_path, target, input_shapes, sparsify, database)
     mod, specs, outputs, layers = prepared.mod, prepared.inputs, prepared.outputs, prepared.layers
     target_dict = resolved_target_dict(target)
     tuned = f", tuned schedules from {database.path}" if database is not None else ""
@@ -237,7 +242,8 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
     return compiled
 
 
-def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptions):
+def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptions, records=None,
+                    specs: dict | None = None):
     """Run the BSR rewrite passes (conv2d, then dense) with the kernels for the target;
     with ``options.auto``, each eligible layer is measured and kept dense unless BSR wins."""
     import onnx
@@ -250,7 +256,8 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
         from prune2tvm.compile.auto_select import LayerTimer
 
         select = LayerTimer(target, lambda m: run_sparsify_passes(m, target, options.block, 0.0)[0])
-    mod, decisions = run_sparsify_passes(mod, target, options.block, options.threshold, names.lookup, select)
+    mod, decisions = run_sparsify_passes(mod, target, options.block, options.threshold, names.lookup, select,
+                                         records, specs)
     for d in decisions:
         if options.auto and d.dense_ms is None and d.block_sparsity is not None:
             d.reason = (f"auto: block sparsity {d.block_sparsity:.3f} < {options.threshold:g}, "
@@ -258,28 +265,45 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
     return mod, decisions
 
 
-def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], threshold: float, names=None, select=None):
+def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], threshold: float, names=None, select=None,
+                        records=None, specs: dict | None = None):
+    """The BSR rewrite passes with the target's kernels. CPU matmul kernels take their
+    parameters from ``records`` (``BsrRecords`` of the tuning database) where it has them, and
+    each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner."""
+    from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
     from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu
-    from prune2tvm.compile.kernels.bsr_matmul import BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda
+    from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
+                                                      search_space)
     from prune2tvm.compile.passes.decisions import in_graph_order
+    from prune2tvm.compile.passes.fuse_epilogue import fuse_epilogues
     from prune2tvm.compile.passes.sparsify_conv2d import sparsify_conv2d
     from prune2tvm.compile.passes.sparsify_dense import sparsify_dense
 
-    conv_decisions = []
+    conv_decisions, kernels = [], {}
     if target.kind == "cuda":
-        def kernel(rows, bsr):
-            return bsr_matmul_cuda(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb))
+        def kernel(rows, bsr, epilogue):
+            return bsr_matmul_cuda(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb),
+                                   epilogue=epilogue)
         # No GPU conv kernel yet: convs stay dense there (dlight schedules them).
     else:
         lanes = simd_lanes(target)
 
-        def kernel(rows, bsr):
-            return bsr_matmul_cpu(BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes)
+        def kernel(rows, bsr, epilogue):
+            shape = BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb)
+            key = kernel_key("matmul", shape, lanes, [bsr.indptr, bsr.indices])
+            if specs is not None and key not in specs:
+                specs[key] = BsrKernelSpec(
+                    key, f"matmul {rows}x{shape.inputs}->{shape.outputs} {shape.block[0]}x{shape.block[1]} "
+                    f"({bsr.nnzb} blocks)", lambda params: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **params),
+                    search_space(shape, lanes), list(bsr.kernel_arrays()), [rows, shape.inputs], [rows, shape.outputs])
+            params = (records.params(key) if records is not None else None) or {}
+            return bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, **params)
 
-        mod, conv_decisions = sparsify_conv2d(mod, block, threshold, lambda shape: bsr_conv2d_cpu(shape, lanes),
-                                              lanes, names, select)
-    mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select)
-    return mod, in_graph_order(conv_decisions + dense_decisions)
+        mod, conv_decisions = sparsify_conv2d(
+            mod, block, threshold, lambda shape, epilogue: bsr_conv2d_cpu(shape, lanes, epilogue), lanes, names,
+            select, kernels)
+    mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels)
+    return fuse_epilogues(mod, kernels), in_graph_order(conv_decisions + dense_decisions)
 
 
 def simd_lanes(target: TargetConfig) -> int:

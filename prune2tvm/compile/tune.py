@@ -236,10 +236,10 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
                           max_trials_per_task=trials_per_task, num_trials_per_iter=trials_per_round,
                           database=db.ms, measure_callbacks=callbacks, runner=runner)
             say(f"  tuned in {time.perf_counter() - start:.0f} s")
-        for task, report, earlier in todo:
+        for task_id, (task, report, _) in enumerate(todo):
             best = db.best_seconds(task.dispatched[0], tgt)
             report.after_us = None if best is None else best * 1e6
-            report.trials = _trial_count(db, task.dispatched[0]) - earlier
+            report.trials = progress.trials.get(task_id, 0)
             if target.kind != "cuda" and report.before_us is not None and (
                     report.after_us is None or report.after_us > report.before_us):
                 # on CPU the untuned function is a valid schedule: keep it when no candidate beat it
@@ -279,10 +279,12 @@ def _progress_callback(names: list[str], total: int, start: float, time_limit_s:
         def __init__(self):
             self.done = 0
             self.stopped = False
+            self.trials: dict[int, int] = {}  # candidates measured, per task
             self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             self.done += len(runner_results)
+            self.trials[task_id] = self.trials.get(task_id, 0) + len(runner_results)
             times = [float(np.mean([float(t) for t in r.run_secs])) for r in runner_results
                      if r.error_msg is None and r.run_secs]
             if times:
@@ -330,12 +332,14 @@ def _untuned_us(mod: tvm.IRModule, target: TargetConfig, rpc: RpcDevice | None =
         return None
 
 
+def format_us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def render_task_table(reports: list[TaskReport]) -> str:
     lines = ["| task | weight | status | trials | untuned us | tuned us |", "|---|---:|---|---:|---:|---:|"]
-    for r in reports:
-        before = "-" if r.before_us is None else f"{r.before_us:.1f}"
-        after = "-" if r.after_us is None else f"{r.after_us:.1f}"
-        lines.append(f"| {r.name} | {r.weight} | {r.status} | {r.trials} | {before} | {after} |")
+    lines += [f"| {r.name} | {r.weight} | {r.status} | {r.trials} | {format_us(r.before_us)} | {format_us(r.after_us)} |"
+              for r in reports]
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
+from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
+
 
 @dataclass(frozen=True)
 class BsrConv2dShape:
@@ -60,9 +62,10 @@ def column_offsets(s: BsrConv2dShape, indices, lanes: int = 16):
     return (offsets if offsets.size else np.zeros(cb, np.int64)).astype(np.int32)
 
 
-def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16):
+def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE):
     """Kernel arguments: the padded input flattened per image [N, CI*HP*WP'] (WP' from
-    ``input_width``), data [nnzb, R, CB], ``column_offsets`` [nnzb*CB], indptr [O/R + 1]."""
+    ``input_width``), data [nnzb, R, CB], ``column_offsets`` [nnzb*CB], indptr [O/R + 1],
+    bias [O], out."""
     N, CI, (HP, _), O, (OH, OW) = s.batch, s.in_channels, s.padded, s.out_channels, s.out
     (SH, SW) = s.stride
     R, CB = s.block
@@ -70,13 +73,14 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16):
     V, U, UT = _tiling(OW, R, lanes)
     WP = input_width(s, lanes)
     IMG = CI * HP * WP
+    LO, HI = epilogue.low, epilogue.high
 
     # Tasks run output row by output row, every block row of one output row together: they
     # read the same few input rows, which stay in cache.
     @T.prim_func(private=True)
     def bsr_conv2d(x: T.Buffer((N, IMG), dtype), data: T.Buffer((NNZB, R, CB), dtype),
                    offsets: T.Buffer((NNZB * CB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-                   out: T.Buffer((N, O, OH, OW), dtype)):
+                   bias: T.Buffer((O,), dtype), out: T.Buffer((N, O, OH, OW), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for task in T.parallel(N * OH * UT * NB):
             acc = T.alloc_buffer((U, R, V), dtype)
@@ -98,12 +102,15 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16):
                     for r in range(R):
                         for v in T.vectorized(V):
                             out[task // (OH * UT * NB), (task % NB) * R + r, task // (UT * NB) % OH,
-                                ((task // NB % UT) * U + u) * V + v] = acc[u, r, v]
+                                ((task // NB % UT) * U + u) * V + v] = T.min(T.max(
+                                    acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
                 else:
                     for r in range(R):
                         for v in range(V):
                             if ((task // NB % UT) * U + u) * V + v < OW:
                                 out[task // (OH * UT * NB), (task % NB) * R + r, task // (UT * NB) % OH,
-                                    ((task // NB % UT) * U + u) * V + v] = acc[u, r, v]
+                                    ((task // NB % UT) * U + u) * V + v] = T.min(T.max(
+                                        acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)),
+                                        T.cast(HI, dtype))
 
     return bsr_conv2d

@@ -23,6 +23,26 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 GEMV_MAX_ROWS = 4
+FLT_MAX = 3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a kernel does to each output before storing it: add ``bias[channel]`` (every
+    kernel takes a bias; zeros when the layer has none), then clamp to [low, high]
+    (ReLU: low 0). Fused here, the bias add and activation cost no pass over the output."""
+
+    low: float = -FLT_MAX
+    high: float = FLT_MAX
+
+    @property
+    def activation(self) -> str:
+        if self.low == -FLT_MAX and self.high == FLT_MAX:
+            return ""
+        return "relu" if (self.low, self.high) == (0.0, FLT_MAX) else f"clip[{self.low:g}, {self.high:g}]"
+
+
+NO_EPILOGUE = Epilogue()
 # TVM puts a CPU scratch buffer on the stack only when it is smaller than 1024 bytes
 # (kMaxStackAlloca); a larger one inside a parallel loop costs a workspace allocation per task.
 STACK_FLOATS = 255
@@ -51,22 +71,36 @@ class BsrMatmulShape:
         return self.outputs // self.block[0]
 
 
-def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4):
-    """The CPU kernel for ``shape``; ``lanes`` is the SIMD width in float32 elements."""
+def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4, epilogue: Epilogue = NO_EPILOGUE,
+                   panels: int | None = None):
+    """The CPU kernel for ``shape``; ``lanes`` is the SIMD width in float32 elements.
+    Arguments: x [M, K], data [nnzb, R, C], indices [nnzb], indptr [N/R + 1], bias [N], out [M, N].
+    Tunable (``search_space``): ``accumulators`` for few rows, ``panels`` (of ``lanes`` rows per
+    task) for many."""
     if shape.rows <= GEMV_MAX_ROWS:
-        return _bsr_gemv(shape, accumulators)
-    return _bsr_gemm(shape, lanes)
+        return _bsr_gemv(shape, accumulators, epilogue)
+    return _bsr_gemm(shape, lanes, epilogue, panels)
 
 
-def _bsr_gemv(s: BsrMatmulShape, acc_count: int):
+def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
+    """The parameter sets a BSR kernel can be built with (the first is the default)."""
+    if shape.rows <= GEMV_MAX_ROWS:
+        return [{"accumulators": a} for a in (4, 1, 2, 8)]
+    rc, default = accumulator_tiling(shape.block[0], (shape.rows + lanes - 1) // lanes, lanes)
+    most = min((shape.rows + lanes - 1) // lanes, STACK_FLOATS // (rc * lanes))
+    return [{"panels": default}] + [{"panels": u} for u in (1, 2, 3, 4, 6, 8, 12) if u <= most and u != default]
+
+
+def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     A = acc_count
+    LO, HI = epilogue.low, epilogue.high
 
     @T.prim_func(private=True)
     def bsr_gemv(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
                  indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-                 out: T.Buffer((M, N), dtype)):
+                 bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for i in T.parallel(NB):
             acc = T.alloc_buffer((A, R), dtype)
@@ -91,12 +125,12 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int):
                     for r in T.vectorized(R):
                         acc[0, r] = acc[0, r] + acc[a, r]
                 for r in T.vectorized(R):
-                    out[m, i * R + r] = acc[0, r]
+                    out[m, i * R + r] = T.min(T.max(acc[0, r] + bias[i * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
 
     return bsr_gemv
 
 
-def _bsr_gemm(s: BsrMatmulShape, lanes: int):
+def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | None = None):
     """Each task takes one block row and U panels of V rows; the block's R outputs are done
     RC at a time, with RC*U vector accumulators in flight (each nonzero weight broadcast once
     per panel). The accumulators stay under TVM's stack-allocation limit."""
@@ -105,13 +139,15 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int):
     V = lanes
     P = (M + V - 1) // V  # panels of V rows
     RC, U = accumulator_tiling(R, P, V)
+    U = panels or U
     PT = (P + U - 1) // U  # panel tiles
     PP = PT * U  # panels, padded to a whole number of tiles
+    LO, HI = epilogue.low, epilogue.high
 
     @T.prim_func(private=True)
     def bsr_gemm(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
                  indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-                 out: T.Buffer((M, N), dtype)):
+                 bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         panels = T.alloc_buffer((PP, K, V), dtype)
         for pk in T.parallel(PP * K):
@@ -139,23 +175,26 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int):
                     for v in T.unroll(V):
                         if ((it // NB) * U + u) * V + v < M:
                             for r in T.vectorized(RC):
-                                out[((it // NB) * U + u) * V + v, (it % NB) * R + rc * RC + r] = acc[u, r, v]
+                                out[((it // NB) * U + u) * V + v, (it % NB) * R + rc * RC + r] = T.min(T.max(
+                                    acc[u, r, v] + bias[(it % NB) * R + rc * RC + r], T.cast(LO, dtype)),
+                                    T.cast(HI, dtype))
 
     return bsr_gemm
 
 
-def bsr_matmul_cuda(shape: BsrMatmulShape, threads: int = 256):
+def bsr_matmul_cuda(shape: BsrMatmulShape, threads: int = 256, epilogue: Epilogue = NO_EPILOGUE):
     """Thread-bound GPU kernel: one thread per output element, a thread block per
     (block row, tile of activation rows); each thread walks its block row's nonzero blocks."""
     M, K, N, NB, NNZB, dtype = shape.rows, shape.inputs, shape.outputs, shape.block_rows, max(shape.nnzb, 1), shape.dtype
     R, C = shape.block
     TM = max(1, min(M, threads // R))  # activation rows per thread block
     MB = (M + TM - 1) // TM
+    LO, HI = epilogue.low, epilogue.high
 
     @T.prim_func(private=True)
     def bsr_matmul_gpu(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
                        indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-                       out: T.Buffer((M, N), dtype)):
+                       bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for i in T.thread_binding(NB, thread="blockIdx.x"):
             for mb in T.thread_binding(MB, thread="blockIdx.y"):
@@ -166,6 +205,7 @@ def bsr_matmul_cuda(shape: BsrMatmulShape, threads: int = 256):
                         for c in T.unroll(C):
                             acc[0] = acc[0] + data[b, t % R, c] * x[T.min(mb * TM + t // R, M - 1), indices[b] * C + c]
                     if mb * TM + t // R < M:
-                        out[mb * TM + t // R, i * R + t % R] = acc[0]
+                        out[mb * TM + t // R, i * R + t % R] = T.min(T.max(
+                            acc[0] + bias[i * R + t % R], T.cast(LO, dtype)), T.cast(HI, dtype))
 
     return bsr_matmul_gpu

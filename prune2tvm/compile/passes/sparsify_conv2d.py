@@ -17,18 +17,21 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets, input_width
+from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
+from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, rewrite_functions, selected,
                                                 static_shape)
 
-# Makes the kernel for one conv: (shape, lanes) -> PrimFunc
-ConvKernelFactory = Callable[[BsrConv2dShape], tvm.tirx.PrimFunc]
+# Makes the kernel for one conv: (shape, epilogue) -> PrimFunc
+ConvKernelFactory = Callable[[BsrConv2dShape, Epilogue], tvm.tirx.PrimFunc]
 
 
 def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: ConvKernelFactory,
                     lanes: int, names: LayerNamer | None = None, select: Selector | None = None,
-                    ) -> tuple[tvm.IRModule, list[LayerDecision]]:
-    """Return the rewritten module and one decision per conv2d, in graph order."""
+                    kernels: KernelRegistry | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+    """Return the rewritten module and one decision per conv2d, in graph order. Each kernel
+    emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
     x, weight, other = wildcard(), is_const(), wildcard()
     pattern = is_op("relax.nn.conv2d")(x, weight) | is_op("relax.nn.conv2d")(x, other)
     log = DecisionLog(names)
@@ -68,10 +71,12 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         if top or bottom or left or right or extra:
             padded = relax.op.nn.pad(padded, [0, 0, 0, 0, top, bottom, left, right + extra])
         flat = relax.op.reshape(padded, [n, c * shape.padded[0] * (shape.padded[1] + extra)])
-        gvar = builder.add_func(kernel(shape), "bsr_conv2d")
+        gvar = builder.add_func(kernel(shape, NO_EPILOGUE), "bsr_conv2d")
+        if kernels is not None:
+            kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape: kernel(shape, e), 1, decision)
         data, _, indptr = bsr.kernel_arrays()
         offsets = column_offsets(shape, bsr.indices, lanes)
-        return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr)],
+        return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr), const(np.zeros(o, np.float32))],
                               relax.TensorType(out_shape, "float32"))
 
     return rewrite_functions(mod, builder, pattern, rewrite), in_graph_order(log.decisions())

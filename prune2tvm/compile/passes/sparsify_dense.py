@@ -4,7 +4,7 @@ Matches what the ONNX importer emits for torch's ``nn.Linear``:
   * Gemm (2-D x, with or without bias):  matmul(x, permute_dims(W[N, K]))
   * MatMul (e.g. 3-D x [B, S, K]):       matmul(x, W[K, N])
 x of any rank with static shape is flattened to [M, K] around the kernel. The bias add and
-activation that follow stay as they are.
+ReLU that follow are folded into the kernel afterwards (``fuse_epilogue``).
 
 A layer becomes BSR when its block sparsity (the fraction of all-zero R x C blocks of
 W[N, K]) is at least the threshold and its shape divides into blocks; every matched layer
@@ -21,20 +21,23 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, rewrite_functions, selected,
                                                 static_shape)
+from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
 from prune2tvm.sparse import BsrMatrix
 
 
-# Makes the kernel for one layer: (rows M, BsrMatrix) -> PrimFunc
-KernelFactory = Callable[[int, BsrMatrix], tvm.tirx.PrimFunc]
+# Makes the kernel for one layer: (rows M, BsrMatrix, Epilogue) -> PrimFunc
+KernelFactory = Callable[[int, BsrMatrix, Epilogue], tvm.tirx.PrimFunc]
 
 
 def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: KernelFactory,
                    names: LayerNamer | None = None, select: Selector | None = None,
-                   ) -> tuple[tvm.IRModule, list[LayerDecision]]:
-    """Return the rewritten module and one decision per constant-weight matmul, in graph order."""
+                   kernels: KernelRegistry | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+    """Return the rewritten module and one decision per constant-weight matmul, in graph order.
+    Each kernel emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
     x, weight, other = wildcard(), is_const(), wildcard()
     transposed = is_op("relax.permute_dims")(weight)
     pattern = (is_op("relax.matmul")(x, transposed) | is_op("relax.matmul")(x, weight)
@@ -76,9 +79,11 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
         if bsr is None or not selected(decision, probe, select):
             return call
         rows = math.prod(x_shape[:-1])
-        gvar = builder.add_func(kernel(rows, bsr), "bsr_matmul")
+        gvar = builder.add_func(kernel(rows, bsr, NO_EPILOGUE), "bsr_matmul")
+        if kernels is not None:
+            kernels[gvar.name_hint] = FusableKernel(lambda e, rows=rows, bsr=bsr: kernel(rows, bsr, e), 1, decision)
         flat = relax.op.reshape(x_expr, [rows, k]) if len(x_shape) != 2 else x_expr
-        out = relax.call_tir(gvar, [flat, *(const(a) for a in bsr.kernel_arrays())],
+        out = relax.call_tir(gvar, [flat, *(const(a) for a in bsr.kernel_arrays()), const(np.zeros(n, np.float32))],
                              relax.TensorType([rows, n], dtype))
         return relax.op.reshape(out, [*x_shape[:-1], n]) if len(x_shape) != 2 else out
 
