@@ -8,7 +8,7 @@ benchmarks/.tuning-db/; without it those parts are untuned too: read the BSR/ORT
 that in mind. --skip-tvm-dense leaves out the (slow) dense TVM build.
 
 Usage: python benchmarks/bsr_models.py [--models bert_base,mobilenet_v2,resnet50] [--repeat N]
-       [--tune-trials N] [--skip-tvm-dense]
+       [--tune-trials N] [--skip-tvm-dense] [--fast-math]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--target", default="x86")
     parser.add_argument("--tune-trials", type=int, default=0, help="tune the BSR build's dense parts, N trials")
     parser.add_argument("--skip-tvm-dense", action="store_true", help="do not build or measure TVM dense")
+    parser.add_argument("--fast-math", action="store_true", help="TVM's fast erf/exp/tanh/softmax in the BSR build")
     args = parser.parse_args()
 
     from prune2tvm.compile import compile_onnx
@@ -64,10 +65,11 @@ def main() -> None:
                 from prune2tvm.compile.tune import TuningDatabase, tune_module
 
                 database = TuningDatabase(Path(__file__).parent / ".tuning-db", target)
-                prepared = prepare_module(onnx_model.path, target, shapes, sparsify)
+                prepared = prepare_module(onnx_model.path, target, shapes, sparsify, fast_math=args.fast_math)
                 tune_module(prepared.mod, target, database, args.tune_trials)
             start = time.perf_counter()
-            bsr = compile_onnx(onnx_model.path, target, shapes, sparsify=sparsify, database=database, prepared=prepared)
+            bsr = compile_onnx(onnx_model.path, target, shapes, sparsify=sparsify, database=database, prepared=prepared,
+                               fast_math=args.fast_math)
             bsr_build_s = time.perf_counter() - start
             ort = session(onnx_model.path, threads=target.threads)
             feeds = {"input": check}

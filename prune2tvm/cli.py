@@ -139,10 +139,13 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 @click.option("--db", "db_dir", type=click.Path(file_okay=False),
               help="Tuning database to apply (default: the target's database in the cache, if there is one).")
 @click.option("--no-db", is_flag=True, help="Build with TVM's default schedules even if a tuning database exists.")
+@click.option("--fast-math", is_flag=True,
+              help="Use TVM's fast approximations of erf, exp, tanh and softmax (still checked against onnxruntime).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None,
-             block_cols: int, threshold: str, db_dir: str | None, no_db: bool, output: str, force: bool) -> None:
+             block_cols: int, threshold: str, db_dir: str | None, no_db: bool, fast_math: bool, output: str,
+             force: bool) -> None:
     """Compile an ONNX model with TVM, rewriting block-sparse layers into BSR kernels (with
     --bsr), check it against onnxruntime, and save it."""
     from prune2tvm.config import DEFAULT_TARGET, load_target
@@ -156,7 +159,7 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
 
     database = None if no_db else _open_database(tgt, db_dir, create=False)
     with staged_dir(output, force=force, what="a compiled model") as stage:
-        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database)
+        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, fast_math=fast_math)
         compiled.save(stage)
     if compiled.info.layers:
         from prune2tvm.report.write import render_layer_table
@@ -245,6 +248,7 @@ def _open_database(target, db_dir: str | None, create: bool):
 @click.option("--bsr", "block_rows", type=int, default=None, help="Rewrite block-sparse layers first, as compile does.")
 @click.option("--bsc", "block_cols", type=int, default=1, show_default=True)
 @click.option("--sparsity", "threshold", default="0.5", show_default=True)
+@click.option("--fast-math", is_flag=True, help="As compile --fast-math.")
 @click.option("--time-limit", "time_limit", type=float, default=None,
               help="Stop tuning after this many seconds (the round in flight is finished and kept).")
 @click.option("--rpc-tracker", "rpc_tracker", default=None, metavar="HOST:PORT",
@@ -256,7 +260,7 @@ def _open_database(target, db_dir: str | None, create: bool):
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def tune(model: str, target: str | None, trials: int, trials_per_task: int | None, db_dir: str | None,
          batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None, block_cols: int, threshold: str,
-         time_limit: float | None, rpc_tracker: str | None, rpc_key: str | None, rpc_wait: float,
+         fast_math: bool, time_limit: float | None, rpc_tracker: str | None, rpc_key: str | None, rpc_wait: float,
          output: str, force: bool) -> None:
     """Tune a model's dense operators with meta_schedule into a persistent database, then
     build, verify and save the tuned model. Tasks already tuned are not tuned again."""
@@ -284,7 +288,7 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     from prune2tvm.compile.build import prepare_module
     from prune2tvm.compile.tune import render_task_table, tune_module
 
-    prepared = prepare_module(model, tgt, shapes, sparsify, database)
+    prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
     bsr_reports = []
     try:
         reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task, time_limit_s=time_limit, rpc=rpc)
@@ -293,7 +297,7 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
 
             bsr_reports = tune_bsr_kernels(prepared.bsr_kernels, tgt, BsrRecords.open(database.path))
             if any(r.status == "tuned" for r in bsr_reports):  # rebuild the kernels with what was found
-                prepared = prepare_module(model, tgt, shapes, sparsify, database)
+                prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
         elif prepared.bsr_kernels:
             click.echo("BSR kernels: their parameter search measures on this machine only; not searched for "
                        f"{'an RPC device' if rpc is not None else tgt.name}")
@@ -302,7 +306,8 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
                    "resume", err=True)
         sys.exit(130)
     with staged_dir(output, force=force, what="a compiled model") as stage:
-        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, prepared=prepared)
+        compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, prepared=prepared,
+                                fast_math=fast_math)
         compiled.save(stage)
     click.echo(render_task_table(reports))
     if bsr_reports:

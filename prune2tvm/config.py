@@ -286,6 +286,7 @@ class BsrConfig:
 class CompileConfig:
     target: str = DEFAULT_TARGET
     bsr: Optional[BsrConfig] = None  # null: every layer stays dense
+    fast_math: bool = False  # TVM's fast erf/exp/tanh/softmax (prune2tvm compile --fast-math)
 
 
 @dataclass

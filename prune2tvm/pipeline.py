@@ -127,7 +127,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
             onnx_model = export_onnx(result.model, data.input_shape, vdir / "model.onnx", cfg.export.opset, check_x)
         compiled = compile_onnx(onnx_model.path, target, {onnx_model.input_name: [batch, *data.input_shape]},
                                 real_feeds={onnx_model.input_name: np.resize(check_x, (batch, *check_x.shape[1:]))},
-                                seed=cfg.seed, sparsify=sparsify)
+                                seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math)
         compiled.save(vdir / "tvm")
         ort = session(onnx_model.path, threads=threads)
         with phase("evaluate", f"{result.name}: test accuracy with torch, onnxruntime and TVM"):

@@ -115,3 +115,37 @@ def test_cuda_build_compiles_its_kernels_with_nvcc(pruned_cnn_onnx, tmp_path):
     assert compiled.info.device_code == "generated CUDA source compiled with nvcc for sm_80"
     compiled.save(tmp_path / "cuda")
     assert (tmp_path / "cuda" / "model.so").stat().st_size > 0
+
+
+def test_fast_math_replaces_erf_and_softmax_and_still_matches_onnxruntime(tmp_path):
+    """A GELU (erf) and a softmax, as in a transformer block: with fast_math they become TVM's
+    fast approximations, and the build is still within tolerance of onnxruntime."""
+    from tvm import relax
+
+    from prune2tvm.compile.build import prepare_module
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            return torch.softmax(self.down(torch.nn.functional.gelu(self.up(x))), dim=-1)
+
+    torch.manual_seed(0)
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(Block().eval(), torch.randn(1, 8, 16), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"])
+    target, shapes = load_target("x86"), {"input": [1, 8, 16]}
+
+    def ops(mod):
+        names = []
+        relax.analysis.post_order_visit(mod["main"].body, lambda e: names.append(e.op.name) if isinstance(
+            e, relax.Call) and hasattr(e.op, "name") else None)
+        return names
+
+    plain, fast = prepare_module(path, target, shapes), prepare_module(path, target, shapes, fast_math=True)
+    assert "relax.erf" in ops(plain.mod) and "relax.nn.softmax" in ops(plain.mod)
+    assert "relax.erf" not in ops(fast.mod) and "relax.nn.softmax" not in ops(fast.mod)
+    compiled = compile_onnx(path, target, shapes, fast_math=True)
+    assert compiled.info.verified and compiled.info.fast_math

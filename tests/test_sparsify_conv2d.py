@@ -56,7 +56,7 @@ def convnet_onnx(tmp_path_factory):
         model.dw.weight.mul_((torch.rand_like(model.dw.weight) > 0.8).float())
     path = tmp_path_factory.mktemp("convnet") / "convnet.onnx"
     torch.onnx.export(model, torch.randn(1, 3, 15, 13), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+                      input_names=["input"], dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}})
     return path
 
 
@@ -94,3 +94,50 @@ def test_other_block_shapes_match_onnxruntime(convnet_onnx, block):
                             sparsify=SparsifyOptions(block, 0.0))
     assert compiled.info.verified
     assert any(d["kind"] == "bsr" and d["op"] == "conv2d" for d in compiled.info.layers)
+
+
+def test_rows_wider_than_a_vector_and_not_a_multiple_of_it(convnet_onnx):
+    """Width 37 with 16-lane vectors (stem: columns 0, 16 and 21; stride-2 convs: 19 wide): the
+    last vector of a row overlaps the one before it rather than reading past the row, so
+    the 1x1 convs take their input unpadded."""
+    compiled = compile_onnx(convnet_onnx, load_target("x86"), {"input": [1, 3, 15, 37]},
+                            sparsify=SparsifyOptions((4, 1), 0.5))
+    assert compiled.info.verified and sum(d["kind"] == "bsr" for d in compiled.info.layers) == 4
+    x = np.random.default_rng(7).standard_normal((1, 3, 15, 37)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(convnet_onnx).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)
+    mod = import_onnx(convnet_onnx, {"input": [1, 3, 15, 37]})
+    new, _ = sparsify_module(mod, convnet_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.5))
+    ops = []
+    relax.analysis.post_order_visit(new["main"].body, lambda e: ops.append(e.op.name)
+                                    if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
+    assert ops.count("relax.nn.pad") == 3  # only the spatially padded convs
+
+
+def test_conv_kernels_are_tunable_and_right_with_every_tiling(convnet_onnx, tmp_path):
+    """Each BSR conv exposes its search space to the BSR tuner; the model stays equal to
+    onnxruntime whichever candidate a record picks."""
+    from types import SimpleNamespace
+
+    import tvm_ffi
+
+    from prune2tvm.compile.bsr_tune import BsrRecords, tune_bsr_kernels
+    from prune2tvm.compile.build import prepare_module
+
+    target, shapes, options = load_target("x86"), {"input": [1, 3, 15, 37]}, SparsifyOptions((4, 1), 0.5)
+    specs = [s for s in prepare_module(convnet_onnx, target, shapes, options).bsr_kernels
+             if s.layer.startswith("conv2d")]
+    assert len(specs) == 4 and all(len(s.space) >= 2 for s in specs)
+    records = BsrRecords.open(tmp_path)
+    reports = tune_bsr_kernels(specs, target, records)
+    assert [r.status for r in reports] == ["tuned"] * 4 and all(r.best_us <= r.default_us for r in reports)
+    kernels = []
+    for params in ({"vectors_per_task": 1}, {"vectors_per_task": 2}):
+        for spec in specs:
+            records.add(spec.key, {"params": params})
+        prepared = prepare_module(convnet_onnx, target, shapes, options, database=SimpleNamespace(path=tmp_path))
+        kernels.append({name.name_hint: tvm_ffi.structural_hash(f) for name, f in prepared.mod.functions.items()
+                        if isinstance(f, tvm.tirx.PrimFunc) and name.name_hint.startswith("bsr_conv2d")})
+        compiled = compile_onnx(convnet_onnx, target, shapes, sparsify=options, prepared=prepared)
+        assert compiled.info.verified
+    assert len(kernels[0]) == 4 and kernels[0] != kernels[1]  # the records were applied

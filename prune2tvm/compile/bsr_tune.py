@@ -3,7 +3,8 @@ the device.
 
 meta_schedule cannot search kernels whose loops depend on data (the block pattern), so each
 BSR kernel exposes its parameters (``kernels.bsr_matmul.search_space``: accumulators for few
-rows, panels per task for many) and every candidate is built and timed with the layer's real
+rows, panels per task for many; ``kernels.bsr_conv2d.conv_search_space``: vectors of output
+columns per task) and every candidate is built and timed with the layer's real
 block pattern. Records live beside the meta_schedule records of the target's database, in
 ``bsr.json``, keyed by the kernel's shape *and* a hash of its block pattern (indptr and
 indices): two layers of one shape with different patterns never share a record.
@@ -47,6 +48,7 @@ class BsrKernelSpec:
     arrays: list[np.ndarray]  # data, indices, indptr: the layer's real block pattern
     input_shape: list[int]
     output_shape: list[int]
+    channels: int  # the bias' length
 
 
 @dataclass
@@ -114,7 +116,7 @@ def _time_kernel(spec: BsrKernelSpec, params: dict, target: TargetConfig) -> flo
     data, indices, indptr = spec.arrays
     args = [tvm.runtime.tensor(rng.standard_normal(spec.input_shape).astype(np.float32), dev),
             *(tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (data, indices, indptr)),
-            tvm.runtime.tensor(np.zeros(spec.output_shape[-1], np.float32), dev),
+            tvm.runtime.tensor(np.zeros(spec.channels, np.float32), dev),
             tvm.runtime.empty(spec.output_shape, "float32", dev)]
     timer = lib.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=20)
     return float(np.median(timer(*args).results) * 1e6)

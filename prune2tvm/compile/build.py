@@ -83,6 +83,7 @@ class CompileInfo:
     device_code: str = ""  # how the device code was checked (cuda: nvcc on the generated source)
     sparsify: dict | None = None  # SparsifyOptions used, or None for a dense build
     tuning_database: str | None = None  # the meta_schedule database applied, if any
+    fast_math: bool = False  # erf/exp/tanh/softmax replaced by TVM's fast approximations
     layers: list[dict] = field(default_factory=list)  # one LayerDecision per weight layer
     format_version: int = COMPILE_FORMAT_VERSION
 
@@ -173,8 +174,10 @@ class PreparedModel:
 
 
 def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
-                   sparsify: SparsifyOptions | None = None, database=None) -> PreparedModel:
-    """Import and rewrite; BSR kernels take their tuned parameters from ``database``."""
+                   sparsify: SparsifyOptions | None = None, database=None, fast_math: bool = False) -> PreparedModel:
+    """Import and rewrite; BSR kernels take their tuned parameters from ``database``. With
+    ``fast_math``, erf, exp, tanh and softmax become TVM's fast approximations (vectorisable
+    polynomials instead of libm calls; the build is still checked against onnxruntime)."""
     from prune2tvm.export.onnx_export import read_onnx_io
 
     onnx_inputs, outputs = read_onnx_io(onnx_path)
@@ -205,18 +208,20 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
             layers = [d.to_json() for d in decisions]
             bsr = sum(d.kind == "bsr" for d in decisions)
             say(f"  {bsr} of {len(decisions)} weight layers rewritten to BSR")
+    if fast_math:
+        mod = relax.transform.FastMathTransform()(mod)
     return PreparedModel(mod, inputs, outputs, layers, list(specs.values()))
 
 
 def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
                  real_feeds: dict[str, np.ndarray] | None = None, seed: int = 0,
                  rtol: float = 1e-4, atol: float = 1e-5, sparsify: SparsifyOptions | None = None,
-                 database=None, prepared: PreparedModel | None = None) -> CompiledModel:
+                 database=None, prepared: PreparedModel | None = None, fast_math: bool = False) -> CompiledModel:
     """Import, rewrite, build (with a tuning database's schedules when given) and, where the
     target runs here, verify against onnxruntime. ``prepared`` skips the import and rewrite
     (``prepare_module``'s result for the same arguments)."""
     if prepared is None:
-        prepared = prepare_module(onnx_path, target, input_shapes, sparsify, database)
+        prepared = prepare_module(onnx_path, target, input_shapes, sparsify, database, fast_math)
     mod, specs, outputs, layers = prepared.mod, prepared.inputs, prepared.outputs, prepared.layers
     target_dict = resolved_target_dict(target)
     tuned = f", tuned schedules from {database.path}" if database is not None else ""
@@ -234,7 +239,7 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
     info = CompileInfo(target=target.to_dict(), tvm_target=target_dict, inputs=specs, outputs=outputs,
                        onnx_sha256=sha256_file(onnx_path), layers=layers,
                        sparsify=None if sparsify is None else asdict(sparsify),
-                       tuning_database=None if database is None else str(database.path))
+                       tuning_database=None if database is None else str(database.path), fast_math=fast_math)
     if target.kind == "cuda":
         info.device_code = check_cuda_source(executable, target)
     compiled = CompiledModel(executable, target, info)
@@ -271,7 +276,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     parameters from ``records`` (``BsrRecords`` of the tuning database) where it has them, and
     each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner."""
     from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
-    from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu
+    from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu, conv_search_space
     from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
                                                       search_space)
     from prune2tvm.compile.passes.decisions import in_graph_order
@@ -295,13 +300,24 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
                 specs[key] = BsrKernelSpec(
                     key, f"matmul {rows}x{shape.inputs}->{shape.outputs} {shape.block[0]}x{shape.block[1]} "
                     f"({bsr.nnzb} blocks)", lambda params: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **params),
-                    search_space(shape, lanes), list(bsr.kernel_arrays()), [rows, shape.inputs], [rows, shape.outputs])
+                    search_space(shape, lanes), list(bsr.kernel_arrays()), [rows, shape.inputs], [rows, shape.outputs],
+                    shape.outputs)
             params = (records.params(key) if records is not None else None) or {}
             return bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, **params)
 
-        mod, conv_decisions = sparsify_conv2d(
-            mod, block, threshold, lambda shape, epilogue: bsr_conv2d_cpu(shape, lanes, epilogue), lanes, names,
-            select, kernels)
+        def conv_kernel(shape, epilogue, data, indptr, offsets):
+            key = kernel_key("conv2d", shape, lanes, [indptr, offsets])
+            if specs is not None and key not in specs:
+                specs[key] = BsrKernelSpec(
+                    key, f"conv2d {shape.in_channels}->{shape.out_channels} {shape.kernel[0]}x{shape.kernel[1]} "
+                    f"{shape.out[0]}x{shape.out[1]} {shape.block[0]}x{shape.block[1]} ({shape.nnzb} blocks)",
+                    lambda params: bsr_conv2d_cpu(shape, lanes, NO_EPILOGUE, **params), conv_search_space(shape, lanes),
+                    [data, offsets, indptr], [shape.batch, shape.in_channels * shape.padded[0] * shape.padded[1]],
+                    [shape.batch, shape.out_channels, *shape.out], shape.out_channels)
+            params = (records.params(key) if records is not None else None) or {}
+            return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
+
+        mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, lanes, names, select, kernels)
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels)
     return fuse_epilogues(mod, kernels), in_graph_order(conv_decisions + dense_decisions)
 

@@ -33,19 +33,31 @@ class BsrConv2dShape:
     dtype: str = "float32"
 
 
-def _tiling(out_width: int, rows: int, lanes: int) -> tuple[int, int, int]:
+def _tiling(out_width: int, rows: int, lanes: int, vectors_per_task: int | None = None) -> tuple[int, int, int]:
     """(V output columns per vector, U vectors per task, UT tasks per output row)."""
     v = min(lanes, out_width)
     vectors = (out_width + v - 1) // v
-    u = max(1, min(vectors, 16 // rows))  # up to 16 accumulators (of 32 AVX-512 registers) in flight
+    # by default up to 16 accumulators (of 32 AVX-512 registers) in flight
+    u = vectors_per_task or max(1, min(vectors, 16 // rows))
     return v, u, (vectors + u - 1) // u
 
 
+def conv_search_space(s: BsrConv2dShape, lanes: int = 16) -> list[dict]:
+    """The parameter sets the conv kernel can be built with (the first is the default):
+    vectors of output columns per task, within the stack's 1 KB for accumulators."""
+    v, default, _ = _tiling(s.out[1], s.block[0], lanes)
+    vectors = (s.out[1] + v - 1) // v
+    most = min(vectors, 255 // (s.block[0] * v))
+    return [{"vectors_per_task": default}] + [{"vectors_per_task": u} for u in (1, 2, 3, 4, 6, 8)
+                                              if u <= most and u != default]
+
+
 def input_width(s: BsrConv2dShape, lanes: int = 16) -> int:
-    """The padded input width the kernel reads: whole vectors of output columns are computed
-    (the extra ones are never stored), so the input is zero-padded on the right to match."""
-    v, u, ut = _tiling(s.out[1], s.block[0], lanes)
-    return max(s.padded[1], (ut * u * v - 1) * s.stride[1] + (s.kernel[1] - 1) * s.dilation[1] + 1)
+    """The input width the kernel reads: the padded width. A row whose width is not a whole
+    number of vectors ends with a vector that starts at OW - V, overlapping the one before
+    it (those columns are computed twice, identically), so nothing is read past the row and
+    the input needs no extra padding (a 1x1 conv without padding takes its input as is)."""
+    return s.padded[1]
 
 
 def column_offsets(s: BsrConv2dShape, indices, lanes: int = 16):
@@ -62,7 +74,8 @@ def column_offsets(s: BsrConv2dShape, indices, lanes: int = 16):
     return (offsets if offsets.size else np.zeros(cb, np.int64)).astype(np.int32)
 
 
-def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE):
+def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE,
+                   vectors_per_task: int | None = None):
     """Kernel arguments: the padded input flattened per image [N, CI*HP*WP'] (WP' from
     ``input_width``), data [nnzb, R, CB], ``column_offsets`` [nnzb*CB], indptr [O/R + 1],
     bias [O], out."""
@@ -70,7 +83,7 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
     (SH, SW) = s.stride
     R, CB = s.block
     NB, NNZB, dtype = O // R, max(s.nnzb, 1), s.dtype
-    V, U, UT = _tiling(OW, R, lanes)
+    V, U, UT = _tiling(OW, R, lanes, vectors_per_task)
     WP = input_width(s, lanes)
     IMG = CI * HP * WP
     LO, HI = epilogue.low, epilogue.high
@@ -96,21 +109,12 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
                                 acc[u, r, v] = acc[u, r, v] + data[b, r, cc] * x[
                                     task // (OH * UT * NB),
                                     offsets[b * CB + cc] + (task // (UT * NB) % OH) * SH * WP
-                                    + (((task // NB % UT) * U + u) * V + v) * SW]
+                                    + (T.min(((task // NB % UT) * U + u) * V, OW - V) + v) * SW]
             for u in range(U):
-                if ((task // NB % UT) * U + u + 1) * V <= OW:
-                    for r in range(R):
-                        for v in T.vectorized(V):
-                            out[task // (OH * UT * NB), (task % NB) * R + r, task // (UT * NB) % OH,
-                                ((task // NB % UT) * U + u) * V + v] = T.min(T.max(
-                                    acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
-                else:
-                    for r in range(R):
-                        for v in range(V):
-                            if ((task // NB % UT) * U + u) * V + v < OW:
-                                out[task // (OH * UT * NB), (task % NB) * R + r, task // (UT * NB) % OH,
-                                    ((task // NB % UT) * U + u) * V + v] = T.min(T.max(
-                                        acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)),
-                                        T.cast(HI, dtype))
+                for r in range(R):
+                    for v in T.vectorized(V):
+                        out[task // (OH * UT * NB), (task % NB) * R + r, task // (UT * NB) % OH,
+                            T.min(((task // NB % UT) * U + u) * V, OW - V) + v] = T.min(T.max(
+                                acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
 
     return bsr_conv2d

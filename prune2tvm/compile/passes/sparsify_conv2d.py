@@ -23,8 +23,8 @@ from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, Laye
                                                 decide_bsr, in_graph_order, rewrite_functions, selected,
                                                 static_shape)
 
-# Makes the kernel for one conv: (shape, epilogue) -> PrimFunc
-ConvKernelFactory = Callable[[BsrConv2dShape, Epilogue], tvm.tirx.PrimFunc]
+# Makes the kernel for one conv: (shape, epilogue, data, indptr, column offsets) -> PrimFunc
+ConvKernelFactory = Callable[[BsrConv2dShape, Epilogue, np.ndarray, np.ndarray, np.ndarray], tvm.tirx.PrimFunc]
 
 
 def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: ConvKernelFactory,
@@ -71,11 +71,13 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         if top or bottom or left or right or extra:
             padded = relax.op.nn.pad(padded, [0, 0, 0, 0, top, bottom, left, right + extra])
         flat = relax.op.reshape(padded, [n, c * shape.padded[0] * (shape.padded[1] + extra)])
-        gvar = builder.add_func(kernel(shape, NO_EPILOGUE), "bsr_conv2d")
-        if kernels is not None:
-            kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape: kernel(shape, e), 1, decision)
         data, _, indptr = bsr.kernel_arrays()
         offsets = column_offsets(shape, bsr.indices, lanes)
+        arrays = (data, indptr, offsets)
+        gvar = builder.add_func(kernel(shape, NO_EPILOGUE, *arrays), "bsr_conv2d")
+        if kernels is not None:
+            kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape, arrays=arrays: kernel(shape, e, *arrays),
+                                                    1, decision)
         return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr), const(np.zeros(o, np.float32))],
                               relax.TensorType(out_shape, "float32"))
 
