@@ -45,7 +45,7 @@ class BsrKernelSpec:
     layer: str
     make: Callable[[dict], "tvm.tirx.PrimFunc"]  # params -> kernel (without epilogue)
     space: list[dict]  # candidate params; the first is the default
-    arrays: list[np.ndarray]  # data, indices, indptr: the layer's real block pattern
+    arrays: list[np.ndarray]  # data, indices (conv: column offsets), indptr: the real block pattern
     input_shape: list[int]
     output_shape: list[int]
     channels: int  # the bias' length
@@ -89,12 +89,15 @@ class BsrTaskReport:
 
 def tune_bsr_kernels(specs: list[BsrKernelSpec], target: TargetConfig, records: BsrRecords) -> list[BsrTaskReport]:
     """Measure every candidate of every kernel not yet in ``records``; keep the fastest."""
-    reports = []
-    todo = [s for s in specs if records.params(s.key) is None]
+    reports, todo = [], []
     for spec in specs:
-        if spec not in todo:
-            reports.append(BsrTaskReport(spec.layer, "already tuned", 0, records.records[spec.key].get("default_us"),
-                                         records.records[spec.key].get("best_us"), records.params(spec.key)))
+        params = records.params(spec.key)
+        if params is None:
+            todo.append(spec)
+        else:
+            record = records.records[spec.key]
+            reports.append(BsrTaskReport(spec.layer, "already tuned", 0, record.get("default_us"),
+                                         record.get("best_us"), params))
     if todo:
         say(f"  searching {len(todo)} BSR kernel(s): {sum(len(s.space) for s in todo)} candidates")
     for spec in todo:

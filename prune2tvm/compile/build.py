@@ -272,7 +272,7 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
 
 def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], threshold: float, names=None, select=None,
                         records=None, specs: dict | None = None):
-    """The BSR rewrite passes with the target's kernels. CPU matmul kernels take their
+    """The BSR rewrite passes with the target's kernels. CPU kernels take their
     parameters from ``records`` (``BsrRecords`` of the tuning database) where it has them, and
     each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner."""
     from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
@@ -293,31 +293,33 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     else:
         lanes = simd_lanes(target)
 
+        def tuned_params(key: str, spec) -> dict:
+            """The recorded parameters for kernel ``key`` ({} = defaults); enters ``spec()`` in ``specs``."""
+            if specs is not None and key not in specs:
+                specs[key] = spec()
+            return (records.params(key) if records is not None else None) or {}
+
         def kernel(rows, bsr, epilogue):
             shape = BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb)
             key = kernel_key("matmul", shape, lanes, [bsr.indptr, bsr.indices])
-            if specs is not None and key not in specs:
-                specs[key] = BsrKernelSpec(
-                    key, f"matmul {rows}x{shape.inputs}->{shape.outputs} {shape.block[0]}x{shape.block[1]} "
-                    f"({bsr.nnzb} blocks)", lambda params: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **params),
-                    search_space(shape, lanes), list(bsr.kernel_arrays()), [rows, shape.inputs], [rows, shape.outputs],
-                    shape.outputs)
-            params = (records.params(key) if records is not None else None) or {}
+            params = tuned_params(key, lambda: BsrKernelSpec(
+                key, f"matmul {rows}x{shape.inputs}->{shape.outputs} {shape.block[0]}x{shape.block[1]} "
+                f"({bsr.nnzb} blocks)", lambda p: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **p),
+                search_space(shape, lanes), list(bsr.kernel_arrays()), [rows, shape.inputs], [rows, shape.outputs],
+                shape.outputs))
             return bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, **params)
 
         def conv_kernel(shape, epilogue, data, indptr, offsets):
             key = kernel_key("conv2d", shape, lanes, [indptr, offsets])
-            if specs is not None and key not in specs:
-                specs[key] = BsrKernelSpec(
-                    key, f"conv2d {shape.in_channels}->{shape.out_channels} {shape.kernel[0]}x{shape.kernel[1]} "
-                    f"{shape.out[0]}x{shape.out[1]} {shape.block[0]}x{shape.block[1]} ({shape.nnzb} blocks)",
-                    lambda params: bsr_conv2d_cpu(shape, lanes, NO_EPILOGUE, **params), conv_search_space(shape, lanes),
-                    [data, offsets, indptr], [shape.batch, shape.in_channels * shape.padded[0] * shape.padded[1]],
-                    [shape.batch, shape.out_channels, *shape.out], shape.out_channels)
-            params = (records.params(key) if records is not None else None) or {}
+            params = tuned_params(key, lambda: BsrKernelSpec(
+                key, f"conv2d {shape.in_channels}->{shape.out_channels} {shape.kernel[0]}x{shape.kernel[1]} "
+                f"{shape.out[0]}x{shape.out[1]} {shape.block[0]}x{shape.block[1]} ({shape.nnzb} blocks)",
+                lambda p: bsr_conv2d_cpu(shape, lanes, NO_EPILOGUE, **p), conv_search_space(shape, lanes),
+                [data, offsets, indptr], [shape.batch, shape.in_channels * shape.padded[0] * shape.padded[1]],
+                [shape.batch, shape.out_channels, *shape.out], shape.out_channels))
             return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
 
-        mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, lanes, names, select, kernels)
+        mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels)
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels)
     return fuse_epilogues(mod, kernels), in_graph_order(conv_decisions + dense_decisions)
 

@@ -52,22 +52,14 @@ def conv_search_space(s: BsrConv2dShape, lanes: int = 16) -> list[dict]:
                                               if u <= most and u != default]
 
 
-def input_width(s: BsrConv2dShape, lanes: int = 16) -> int:
-    """The input width the kernel reads: the padded width. A row whose width is not a whole
-    number of vectors ends with a vector that starts at OW - V, overlapping the one before
-    it (those columns are computed twice, identically), so nothing is read past the row and
-    the input needs no extra padding (a 1x1 conv without padding takes its input as is)."""
-    return s.padded[1]
-
-
-def column_offsets(s: BsrConv2dShape, indices, lanes: int = 16):
+def column_offsets(s: BsrConv2dShape, indices):
     """For every stored column of every block, its offset into one padded image (flattened):
     c*HP*WP + kh*DH*WP + kw*DW. Computed once from the constant weight, so the kernel does no
     division to find (c, kh, kw)."""
     import numpy as np
 
     (kh_size, kw_size), (dh, dw), cb = s.kernel, s.dilation, s.block[1]
-    hp, wp = s.padded[0], input_width(s, lanes)
+    hp, wp = s.padded
     q = (np.asarray(indices, dtype=np.int64)[:, None] * cb + np.arange(cb)[None, :]).reshape(-1)
     c, kh, kw = q // (kh_size * kw_size), q // kw_size % kh_size, q % kw_size
     offsets = c * hp * wp + kh * dh * wp + kw * dw
@@ -76,15 +68,17 @@ def column_offsets(s: BsrConv2dShape, indices, lanes: int = 16):
 
 def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE,
                    vectors_per_task: int | None = None):
-    """Kernel arguments: the padded input flattened per image [N, CI*HP*WP'] (WP' from
-    ``input_width``), data [nnzb, R, CB], ``column_offsets`` [nnzb*CB], indptr [O/R + 1],
-    bias [O], out."""
-    N, CI, (HP, _), O, (OH, OW) = s.batch, s.in_channels, s.padded, s.out_channels, s.out
+    """Kernel arguments: the padded input flattened per image [N, CI*HP*WP], data [nnzb, R, CB],
+    ``column_offsets`` [nnzb*CB], indptr [O/R + 1], bias [O], out.
+
+    A row whose width is not a whole number of vectors ends with a vector that starts at
+    OW - V, overlapping the one before it (those columns are computed twice, identically), so
+    nothing is read past the row and the input needs no padding beyond the conv's own."""
+    N, CI, (HP, WP), O, (OH, OW) = s.batch, s.in_channels, s.padded, s.out_channels, s.out
     (SH, SW) = s.stride
     R, CB = s.block
     NB, NNZB, dtype = O // R, max(s.nnzb, 1), s.dtype
     V, U, UT = _tiling(OW, R, lanes, vectors_per_task)
-    WP = input_width(s, lanes)
     IMG = CI * HP * WP
     LO, HI = epilogue.low, epilogue.high
 

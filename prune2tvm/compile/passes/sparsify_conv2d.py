@@ -1,10 +1,10 @@
 """Rewrite ``nn.conv2d(x, W)`` with a constant, block-sparse W (NCHW / OIHW) into a BSR kernel.
 
 The weight is viewed as a matrix [O, C*KH*KW] and cut into R x C blocks (R output channels,
-the N of 1xN). The input is zero-padded by the conv's padding (plus a few columns on the right
-so the kernel reads whole vectors) and flattened per image; the kernel gets, instead of block
-column indices, each stored column's offset into that padded image. Grouped and depthwise
-convs stay dense; the bias add and activation that follow stay as they are.
+the N of 1xN). The input is zero-padded by the conv's padding (if any) and flattened per
+image; the kernel gets, instead of block column indices, each stored column's offset into
+that padded image. Grouped and depthwise convs stay dense; the bias add and ReLU that follow
+are folded into the kernel afterwards (``fuse_epilogue``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets, input_width
+from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
@@ -28,7 +28,7 @@ ConvKernelFactory = Callable[[BsrConv2dShape, Epilogue, np.ndarray, np.ndarray, 
 
 
 def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: ConvKernelFactory,
-                    lanes: int, names: LayerNamer | None = None, select: Selector | None = None,
+                    names: LayerNamer | None = None, select: Selector | None = None,
                     kernels: KernelRegistry | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per conv2d, in graph order. Each kernel
     emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
@@ -66,13 +66,12 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
                                (kh, kw), tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation),
                                block, bsr.nnzb)
-        extra = input_width(shape, lanes) - shape.padded[1]
         padded = matches[x]
-        if top or bottom or left or right or extra:
-            padded = relax.op.nn.pad(padded, [0, 0, 0, 0, top, bottom, left, right + extra])
-        flat = relax.op.reshape(padded, [n, c * shape.padded[0] * (shape.padded[1] + extra)])
+        if top or bottom or left or right:
+            padded = relax.op.nn.pad(padded, [0, 0, 0, 0, top, bottom, left, right])
+        flat = relax.op.reshape(padded, [n, c * shape.padded[0] * shape.padded[1]])
         data, _, indptr = bsr.kernel_arrays()
-        offsets = column_offsets(shape, bsr.indices, lanes)
+        offsets = column_offsets(shape, bsr.indices)
         arrays = (data, indptr, offsets)
         gvar = builder.add_func(kernel(shape, NO_EPILOGUE, *arrays), "bsr_conv2d")
         if kernels is not None:
