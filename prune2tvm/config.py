@@ -219,10 +219,22 @@ class PruneConfig:
     The schedule counts epochs of fine-tuning: masks are recomputed at the start of epochs
     ``start_epoch, start_epoch + frequency, ..., end_epoch``, where the final sparsity is
     reached; the remaining epochs fine-tune with the mask held.
+
+    ``granularity`` is what one decision removes (element, block of ``block`` = [R, C],
+    filter, channel), ranked per layer or over all layers (``scope``). Method ``1xN`` is AGP
+    on [N, 1] blocks (Lin et al.) with filter rearrangement on by default. Method ``gsm``
+    (Global Sparse Momentum, element or block granularity, always global) trains with GSM
+    until ``end_epoch``, then holds the mask for the remaining fine-tuning epochs. Method
+    ``filter`` removes that fraction of filters at once (ranked by ``criterion``), thins the
+    model (BatchNorms, next layers, residual and concat partners) and fine-tunes it.
     """
 
-    method: Literal["agp"] = "agp"
-    granularity: Literal["element"] = "element"
+    method: Literal["agp", "1xN", "gsm", "filter"] = "agp"
+    granularity: Literal["element", "block", "filter", "channel"] = "element"
+    block: list[int] = field(default_factory=lambda: [4, 1])
+    scope: Literal["layer", "global"] = "layer"
+    rearrange: Optional[bool] = None  # filter rearrangement; default: on for 1xN, off otherwise
+    criterion: Literal["l1", "l2", "bn_scale", "fpgm"] = "l1"  # method filter: how filters are ranked
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8])
     initial_sparsity: float = 0.0
     start_epoch: int = 0
@@ -232,7 +244,32 @@ class PruneConfig:
     lr: Optional[float] = None
     layers: Optional[list[str]] = None
 
+    @property
+    def does_rearrange(self) -> bool:
+        return self.method == "1xN" if self.rearrange is None else self.rearrange
+
+    def granularity_spec(self):
+        from prune2tvm.prune.granularity import Granularity
+
+        if self.method == "1xN":
+            return Granularity("block", (self.block[0], 1))
+        return Granularity(self.granularity, tuple(self.block) if self.granularity == "block" else (1, 1))
+
     def check(self, where: str) -> None:
+        if len(self.block) != 2 or any(b < 1 for b in self.block):
+            raise ConfigError(f"{where}block: {self.block} is not valid; valid: [R, C], two positive integers")
+        if self.method == "1xN":
+            if self.granularity not in ("element", "block"):  # element: the default, i.e. not given
+                raise ConfigError(f"{where}granularity: {self.granularity!r} does not go with method 1xN; "
+                                  "valid: block (or omit it)")
+            if self.block[1] != 1 or self.block[0] not in (2, 4, 8, 16, 32):
+                raise ConfigError(f"{where}block: {self.block} is not a 1xN block; valid: [N, 1] with N in 2, 4, 8, 16, 32")
+        if self.method == "gsm" and self.granularity not in ("element", "block"):
+            raise ConfigError(f"{where}granularity: GSM prunes elements or blocks, not {self.granularity!r}; "
+                              "valid: element, block")
+        if self.rearrange and self.method != "1xN" and self.granularity != "block":
+            raise ConfigError(f"{where}rearrange: filter rearrangement needs block granularity "
+                              f"(got {self.granularity!r}); valid: granularity block, or rearrange false")
         if not self.sparsities:
             raise ConfigError(f"{where}sparsities: empty; give at least one final sparsity in [0, 1)")
         for i, s in enumerate(self.sparsities):

@@ -81,6 +81,8 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     from prune2tvm.models import build_model
     from prune2tvm.onnxrt import session
     from prune2tvm.prune.agp_prune import PruneResult, agp_prune
+    from prune2tvm.prune.filters import filter_prune
+    from prune2tvm.prune.gsm import gsm_prune
     from prune2tvm.prune.masks import layer_sparsity
     from prune2tvm.report import Report, Variant, write_report
     from prune2tvm.train import accuracy, make_optimizer, predict_torch, seed_everything, train_epochs
@@ -107,10 +109,17 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
 
     for final in cfg.prune.sparsities:
         name = f"{cfg.prune.method}-{round(100 * final)}"
-        with phase("prune", f"{name}: AGP {cfg.prune.granularity} to {final}, "
-                            f"{cfg.prune.fine_tune_epochs} fine-tuning epochs"):
+        gsm = cfg.prune.method == "gsm"
+        what = (f"{'GSM' if gsm else 'AGP'} on {cfg.prune.granularity_spec()}, {'global' if gsm else cfg.prune.scope} "
+                f"scope{', filters rearranged' if cfg.prune.does_rearrange else ''}, to {final}")
+        if cfg.prune.method == "filter":
+            what = f"{final} of the filters by {cfg.prune.criterion} ({cfg.prune.scope} scope) thinned"
+        with phase("prune", f"{name}: {what}, {cfg.prune.fine_tune_epochs} fine-tuning epochs"):
             seed_everything(cfg.seed)
-            result = agp_prune(dense, data, cfg.prune, cfg.train, final, cfg.seed, name)
+            method = {"gsm": gsm_prune, "filter": filter_prune}.get(cfg.prune.method, agp_prune)
+            result = method(dense, data, cfg.prune, cfg.train, final, cfg.seed, name)
+            for layer, why in result.skipped.items():
+                say(f"  {layer}: {why}")
             say(f"  measured sparsity {result.sparsity:.4f}, val accuracy {result.history[-1].val_accuracy:.4f}")
         variants.append(result)
 
@@ -123,6 +132,8 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
         vdir = stage / "variants" / result.name
         vdir.mkdir(parents=True)
         _save_checkpoint(result.model, vdir / "model.pt")
+        if result.plan is not None:  # which units were removed, re-applicable to a fresh model
+            result.plan.save(vdir / "plan.json")
         with phase("export", f"{result.name} -> ONNX opset {cfg.export.opset}"):
             onnx_model = export_onnx(result.model, data.input_shape, vdir / "model.onnx", cfg.export.opset, check_x)
         compiled = compile_onnx(onnx_model.path, target, {onnx_model.input_name: [batch, *data.input_shape]},

@@ -122,3 +122,110 @@ def test_a_failed_forced_run_keeps_the_old_results(tiny_pipeline, tmp_path, monk
     assert result.exit_code == 2 and "simulated failure" in result.output
     assert (out / "report.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny.yaml"]
+
+
+def test_1xn_pipeline_rearranges_prunes_blocks_and_saves_a_reapplicable_plan(tmp_path):
+    """Method 1xN on the CNN: filters rearranged (the whole chain permuted, BN included), 4x1
+    blocks pruned at 75 % per layer, the ONNX and BSR build see those blocks, and the plan
+    puts the dense checkpoint into the pruned model's order and zero pattern."""
+    from prune2tvm.models import build_model
+    from prune2tvm.prune.plan import PruningPlan
+
+    pipeline = tmp_path / "onexn.yaml"
+    pipeline.write_text(TINY_1XN)
+    out = tmp_path / "run"
+    result = run_cli("run", str(pipeline), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "AGP on 4x1 blocks, layer scope, filters rearranged, to 0.75" in result.output
+    assert "its filters are" not in result.output  # blocks: the classifier is pruned too
+    report = json.loads((out / "report.json").read_text())
+    variant = report["variants"][1]
+    assert variant["name"] == "1xN-75" and variant["sparsity"] == pytest.approx(0.75, abs=0.01)
+    vdir = out / "variants" / "1xN-75"
+    plan = PruningPlan.load(vdir / "plan.json")
+    # the classifier's 10 outputs do not divide into 4x1 blocks: three layers, all rearranged
+    assert [(layer.name, layer.order is not None) for layer in plan.layers] == [("0", True), ("3", True), ("8", True)]
+
+    data = load_dataset("digits", [0.6, 0.2, 0.2], 1)
+    fresh = build_model("cnn", data.input_shape, data.num_classes)
+    fresh.load_state_dict(torch.load(out / "variants" / "dense" / "model.pt", weights_only=True))
+    masks = plan.apply(fresh)
+    pruned = torch.load(vdir / "model.pt", weights_only=True)
+    for name, mask in masks.items():
+        assert torch.equal(pruned[f"{name}.weight"] == 0, mask == 0), name
+    # the BN after the first conv was permuted with it: its statistics moved along
+    first = plan.layers[0]
+    assert torch.equal(fresh.state_dict()["1.running_mean"],
+                       torch.load(out / "variants" / "dense" / "model.pt", weights_only=True)["1.running_mean"][first.order])
+    layers = load_compiled(vdir / "tvm").info.layers
+    assert [d["kind"] for d in layers] == ["bsr", "bsr", "bsr", "dense"]  # the 10 logits do not divide by 4
+    assert all(d["block_sparsity"] == pytest.approx(0.75, abs=0.01) for d in layers[:3])
+
+
+TINY_1XN = """\
+version: 1
+name: onexn
+seed: 1
+model: {name: cnn}
+train: {epochs: 4, batch_size: 64, lr: 0.003}
+prune: {method: 1xN, block: [4, 1], sparsities: [0.75], start_epoch: 0, end_epoch: 2,
+        frequency: 1, fine_tune_epochs: 3}
+compile: {bsr: {block: [4, 1], threshold: 0.5}}
+measure: {batch_size: 1, warmup: 2, repeat: 10, rounds: 2}
+"""
+
+
+@pytest.mark.parametrize("method", ["filter", "gsm"])
+def test_filter_and_gsm_pipelines(tmp_path, method):
+    """Filter pruning thins the MLP (a smaller ONNX, a plan that thins a fresh model to take the
+    checkpoint); GSM leaves exactly the global budget of nonzero weights; both still classify
+    the digits and TVM agrees with torch."""
+    from prune2tvm.models import build_model
+    from prune2tvm.prune.plan import PruningPlan
+
+    pipeline = tmp_path / "p.yaml"
+    extra = "criterion: l2" if method == "filter" else "granularity: block, block: [4, 1]"
+    pipeline.write_text(TINY_METHOD.format(method=method, extra=extra))
+    out = tmp_path / "run"
+    result = run_cli("run", str(pipeline), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    dense, pruned = report["variants"]
+    assert pruned["name"] == f"{method}-50"
+    assert pruned["accuracy"]["torch"] > 0.8 and pruned["agreement"]["tvm"] == 1.0
+    vdir = out / "variants" / pruned["name"]
+    state = torch.load(vdir / "model.pt", weights_only=True)
+    if method == "filter":  # half the filters: 1 - (1/2 + 1/4 + 1/2 of the three layers' weights) removed
+        removed = 1 - (64 * 128 + 128 * 64 + 64 * 10) / (64 * 256 + 256 * 128 + 128 * 10)
+        assert pruned["sparsity"] == pytest.approx(removed)
+    else:
+        assert pruned["sparsity"] == pytest.approx(0.5, abs=0.01)
+    data = load_dataset("digits", [0.6, 0.2, 0.2], 2)
+    fresh = build_model("mlp", data.input_shape, data.num_classes)
+    PruningPlan.load(vdir / "plan.json").apply(fresh)
+    if method == "filter":
+        assert "0.5 of the filters by l2 (layer scope) thinned" in result.output
+        assert state["1.weight"].shape[0] == 128 and state["3.weight"].shape == (64, 128)  # 256 -> 128, 128 -> 64
+        sizes = [(out / v["files"]["onnx"]).stat().st_size for v in (dense, pruned)]
+        assert sizes[1] < 0.6 * sizes[0]
+        fresh.load_state_dict(state)  # the plan thinned the fresh model to the checkpoint's shapes
+    else:
+        assert "GSM on 4x1 blocks, global scope, to 0.5" in result.output
+        assert "5: [10, 128] does not divide into 4x1 blocks" in result.output  # the classifier stays dense
+        zeros = sum(int((state[f"{i}.weight"] == 0).sum()) for i in (1, 3))
+        total = sum(state[f"{i}.weight"].numel() for i in (1, 3))
+        assert zeros / total == pytest.approx(0.5, abs=0.01)  # one budget over both layers
+        for i in (1, 3, 5):  # the plan's zeros are the checkpoint's
+            assert torch.equal(fresh.state_dict()[f"{i}.weight"] == 0, state[f"{i}.weight"] == 0)
+
+
+TINY_METHOD = """\
+version: 1
+name: m
+seed: 2
+model: {{name: mlp}}
+train: {{epochs: 6, batch_size: 64, lr: 0.003}}
+prune: {{method: {method}, {extra}, sparsities: [0.5], start_epoch: 0, end_epoch: 2, frequency: 1,
+        fine_tune_epochs: 4}}
+measure: {{batch_size: 4, warmup: 2, repeat: 10, rounds: 2}}
+"""

@@ -141,3 +141,57 @@ def test_conv_kernels_are_tunable_and_right_with_every_tiling(convnet_onnx, tmp_
         compiled = compile_onnx(convnet_onnx, target, shapes, sparsify=options, prepared=prepared)
         assert compiled.info.verified
     assert len(kernels[0]) == 4 and kernels[0] != kernels[1]  # the records were applied
+
+
+class Clamped(nn.Module):
+    """MobileNet V2's ReLU6 after a 1x1 conv, a ReLU then clamp(max=6) (two ops, one clamp),
+    a Hardtanh, and a clamp by a tensor (not a scalar: stays an op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(8, 32, 1)
+        self.project = nn.Conv2d(32, 16, 1)
+        self.fc = nn.Linear(16, 16)
+        self.tail = nn.Conv2d(16, 16, 1)
+        self.register_buffer("ceiling", torch.linspace(0.1, 2.0, 16).reshape(1, 16, 1, 1))
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.expand(x))
+        y = torch.clamp(torch.relu(self.project(y)), max=6.0)
+        y = nn.functional.hardtanh(self.fc(y.permute(0, 2, 3, 1)), -0.5, 0.5).permute(0, 3, 1, 2)
+        return torch.minimum(self.tail(y), self.ceiling)
+
+
+def test_relu6_and_other_clamps_fuse_into_the_kernels(tmp_path):
+    torch.manual_seed(0)
+    model = Clamped().eval()
+    for conv in (model.expand, model.project, model.tail):
+        prune_conv_blocks(conv, 4, 0.75)
+    with torch.no_grad():
+        model.fc.weight.mul_(magnitude_mask(model.fc.weight.reshape(4, 4, 16).abs().sum(1), 0.75)
+                             .repeat_interleave(4, 0))
+    path = tmp_path / "clamped.onnx"
+    torch.onnx.export(model, torch.randn(1, 8, 5, 6), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"])
+    mod = import_onnx(path, {"input": [1, 8, 5, 6]})
+    new, decisions = sparsify_module(mod, path, load_target("x86"), SparsifyOptions((4, 1), 0.5))
+    # torch names the 4-D MatMul's weight onnx::MatMul_N
+    reasons = {d.name if d.op == "conv2d" else "fc": d.reason.split("; ", 1)[1] for d in decisions}
+    assert reasons == {"expand.weight": "bias fused; clip[0, 6] fused", "project.weight": "bias fused; clip[0, 6] fused",
+                       "fc": "bias fused; clip[-0.5, 0.5] fused", "tail.weight": "bias fused"}
+    ops = []  # op names, and the callee of each call_tir
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            ops.append(e.args[0].name_hint.rstrip("0123456789") if e.op.name == "relax.call_tir" else e.op.name)
+
+    relax.analysis.post_order_visit(new["main"].body, visit)
+    assert ops.count("bsr_conv2d") == 3 and ops.count("bsr_matmul") == 1
+    # ONNX's Clip arrives as TE maximum and minimum kernels: none is left, nor the ReLU
+    assert not {"maximum", "minimum", "relax.nn.relu"} & set(ops)
+    assert ops.count("relax.min") == 1  # the clamp by a tensor stays
+    compiled = compile_onnx(path, load_target("x86"), {"input": [1, 8, 5, 6]}, sparsify=SparsifyOptions((4, 1), 0.5))
+    assert compiled.info.verified
+    x = np.random.default_rng(3).standard_normal((1, 8, 5, 6)).astype(np.float32) * 4
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)

@@ -1,16 +1,26 @@
-"""AGP element-wise pruning of a trained model, fine-tuning while the mask holds."""
+"""AGP pruning of a trained model at any granularity, fine-tuning while the mask holds.
+
+Layers that cannot be pruned at the granularity (a grouped conv for blocks, filters or
+channels; a shape that does not divide into the block; the layer whose filters are the
+model's outputs, for filter pruning) are left dense and listed with the reason. With filter
+rearrangement (1xN), each rearrangeable layer's filters are put in L1 order once, before the
+first mask, so its blocks group filters of similar strength (``prune.rearrange``).
+"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from prune2tvm.config import PruneConfig, TrainConfig
 from prune2tvm.data import DatasetSplits
 from prune2tvm.prune.agp import AGPSchedule
+from prune2tvm.prune.granularity import Granularity
 from prune2tvm.prune.masks import LayerSparsity, MaskHolder, layer_sparsity, overall_sparsity, prunable_layers
+from prune2tvm.prune.plan import PruningPlan
 from prune2tvm.train import EpochLog, make_optimizer, train_epochs
 
 
@@ -22,6 +32,8 @@ class PruneResult:
     layers: list[LayerSparsity]
     history: list[EpochLog] = field(default_factory=list)
     schedule: list[float] = field(default_factory=list)  # sparsity set at each fine-tuning epoch
+    plan: PruningPlan | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it was left dense
 
     @property
     def sparsity(self) -> float:
@@ -29,10 +41,33 @@ class PruneResult:
         return overall_sparsity(self.layers)
 
 
+def pruning_layers(model: nn.Module, prune: PruneConfig, granularity: Granularity
+                   ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The layers to prune at ``granularity``, and the others with the reason."""
+    candidates = prunable_layers(model, prune.layers)
+    skipped = {name: why for name, layer in candidates.items() if (why := granularity.unfit(layer))}
+    if granularity.kind == "filter":
+        from prune2tvm.prune.rearrange import OUTPUT_LAYER, trace_chains
+
+        _, refused = trace_chains(model)
+        for name, why in refused.items():
+            if why == OUTPUT_LAYER and name in candidates:
+                skipped[name] = "its filters are the model's outputs"
+    layers = {n: m for n, m in candidates.items() if n not in skipped}
+    return layers, skipped
+
+
 def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: TrainConfig,
               final_sparsity: float, seed: int, name: str) -> PruneResult:
     model = copy.deepcopy(dense)
-    layers = prunable_layers(model, prune.layers)
+    granularity = prune.granularity_spec()
+    layers, skipped = pruning_layers(model, prune, granularity)
+    orders: dict[str, torch.Tensor] = {}
+    if prune.does_rearrange:
+        from prune2tvm.prune.rearrange import rearrange_filters
+
+        orders, not_rearranged = rearrange_filters(model, list(layers))
+        skipped.update({n: f"pruned in its own order: {why}" for n, why in not_rearranged.items()})
     holder = MaskHolder(layers)
     schedule = AGPSchedule(prune.initial_sparsity, final_sparsity, prune.start_epoch, prune.end_epoch,
                            prune.frequency)
@@ -41,7 +76,7 @@ def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: 
 
     def before_epoch(epoch: int) -> None:
         if schedule.is_pruning_step(epoch):
-            holder.set_sparsity(schedule.sparsity(epoch))
+            holder.set_sparsity(schedule.sparsity(epoch), granularity, prune.scope)
             holder.apply(optimizer)
         applied.append(schedule.sparsity(epoch))
 
@@ -49,4 +84,6 @@ def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: 
                            desc=f"fine-tune {name}", before_epoch=before_epoch,
                            before_step=holder.mask_gradients, after_step=lambda: holder.apply(optimizer))
     model.eval()
-    return PruneResult(name, model, final_sparsity, layer_sparsity(model, prune.layers), history, applied)
+    plan = PruningPlan.from_model(model, holder.masks, granularity, prune.method, orders)
+    return PruneResult(name, model, final_sparsity, layer_sparsity(model, list(layers)), history, applied, plan,
+                       skipped)

@@ -76,10 +76,16 @@ class MaskHolder:
         self.layers = layers
         self.masks: dict[str, torch.Tensor] = {n: torch.ones_like(m.weight) for n, m in layers.items()}
 
-    def set_sparsity(self, sparsity: float) -> None:
-        """Per-layer magnitude masks at a uniform sparsity, applied at once."""
-        for name, layer in self.layers.items():
-            self.masks[name] = magnitude_mask(layer.weight, sparsity)
+    def set_sparsity(self, sparsity: float, granularity=None, scope: str = "layer") -> None:
+        """Masks at ``sparsity`` (element-wise unless a ``Granularity`` is given; per layer, or
+        one global ranking), applied at once."""
+        from prune2tvm.prune.granularity import Granularity, layer_masks
+
+        self.set_masks(layer_masks(self.layers, granularity or Granularity(), sparsity, scope))
+
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
+            self.masks[name] = mask.to(self.layers[name].weight.dtype)
         self.apply()
 
     @torch.no_grad()

@@ -1,14 +1,15 @@
-"""Fuse the bias add and ReLU that follow a BSR kernel into the kernel's store.
+"""Fuse the bias add and the clamp (ReLU, ReLU6) that follow a BSR kernel into its store.
 
 TVM cannot fuse elementwise ops into a hand-scheduled (opaque) kernel, so after the sparsify
 passes a Linear or Conv with bias and ReLU would cost two more passes over its output, each
 an unscheduled loop. This pass folds them into the kernel: ``add(bsr(...), const)`` where the
 constant varies only along the output channels becomes the kernel's bias argument, and a
-``relu`` on top becomes the kernel's clamp. Also through the reshape the dense pass puts
-around batched (3-D) activations.
+clamp on top becomes the kernel's [low, high] clamp: ``relu``, ``clip``, and ``maximum`` /
+``minimum`` with a scalar constant (how ONNX's Clip, i.e. torch's ReLU6, is imported). Also
+through the reshape the dense pass puts around batched (3-D) activations.
 
 A bias after an activation does not commute with it and is left alone, as is any constant
-that is not per channel. Ops other than ReLU (GELU, ReLU6's clip) stay as TVM builds them.
+that is not per channel. Other activations (GELU, sigmoid) stay as TVM builds them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, wildcard
+from tvm.relax.dpl import is_const, is_op, is_tuple, wildcard
 
 from prune2tvm.compile.kernels.bsr_matmul import FLT_MAX, NO_EPILOGUE, Epilogue
 from prune2tvm.compile.passes.decisions import LayerDecision, const, rewrite_functions, static_shape
@@ -47,14 +48,21 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
     produced = kernel_call | reshape
     bias = is_const() | is_op("relax.reshape")(is_const(), wildcard())
     add = is_op("relax.add")(produced, bias) | is_op("relax.add")(bias, produced)
-    relu = is_op("relax.nn.relu")(produced)
+    scalar = is_const()
+    # ONNX's Clip arrives as TE maximum / minimum kernels whose bound is where(isnan(c), inf, c)
+    checked, bound = is_const(), is_const()
+    onnx_bound = is_op("relax.where")(is_op("relax.isnan")(checked), is_const(), bound)
+    clamp = (is_op("relax.nn.relu")(produced) | is_op("relax.clip")(produced, wildcard(), wildcard())
+             | is_op("relax.maximum")(produced, scalar) | is_op("relax.maximum")(scalar, produced)
+             | is_op("relax.minimum")(produced, scalar) | is_op("relax.minimum")(scalar, produced)
+             | is_op("relax.call_tir")(wildcard(), is_tuple([produced, scalar | onnx_bound])))
     builder = relax.BlockBuilder(mod)
 
     def rewrite(call: relax.Call, matches: dict) -> relax.Expr:
         kcall = matches[kernel_call]
         info = kernels.get(getattr(kcall.args[0], "name_hint", None))
-        if info is None or info.epilogue.activation:  # not ours, or already clamped
-            return call
+        if info is None or (call.op.name == "relax.add" and info.epilogue.activation):
+            return call  # not ours, or a bias after the activation (they do not commute)
         out_shape = static_shape(call)
         if out_shape is None or out_shape != static_shape(matches[produced]):
             return call  # the add broadcasts beyond the kernel's output
@@ -68,17 +76,76 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
             args[-1] = const(args[-1].value.numpy() + vector)
             info.decision.reason += "; bias fused"
         else:
-            epilogue = Epilogue(low=0.0, high=FLT_MAX)
+            epilogue = _clamped(info.epilogue, *_clamp_of(call, matches.get(scalar), mod,
+                                                                  matches.get(checked), matches.get(bound)))
+            if epilogue is None:
+                return call
             gvar = builder.add_func(info.make(epilogue), gvar.name_hint)
             kernels[gvar.name_hint] = FusableKernel(info.make, info.channel_axis, info.decision, epilogue)
-            info.decision.reason += "; relu fused"
+            before = info.epilogue.activation
+            fused = epilogue.activation
+            info.decision.reason = (info.decision.reason.replace(f"; {before} fused", "") if before
+                                    else info.decision.reason) + f"; {fused} fused"
         new = relax.call_tir(gvar, args, kcall.ty)
         if reshape in matches:
             new = relax.op.reshape(new, matches[reshape].args[1])
         return new
 
     # the kernels replaced by their ReLU variants are no longer called
-    return relax.transform.DeadCodeElimination()(rewrite_functions(mod, builder, add | relu, rewrite))
+    return relax.transform.DeadCodeElimination()(rewrite_functions(mod, builder, add | clamp, rewrite))
+
+
+def _clamp_of(call: relax.Call, scalar: relax.Constant | None, mod: tvm.IRModule,
+              checked: relax.Constant | None = None, bound: relax.Constant | None = None,
+              ) -> tuple[float, float] | tuple[None, None]:
+    """The [low, high] that ``call`` clamps to: relu, clip, or maximum / minimum with a scalar
+    (a Relax op, or a TE kernel called on the output and a scalar bound as the ONNX importer
+    emits for Clip); (None, None) when it is none of those."""
+    name = call.op.name
+    if name == "relax.nn.relu":
+        return 0.0, FLT_MAX
+    if name == "relax.clip":
+        bounds = [getattr(a, "value", None) for a in call.args[1:]]
+        if not all(isinstance(b, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) for b in bounds):
+            return None, None
+        return float(bounds[0].value), float(bounds[1].value)
+    if name == "relax.call_tir":
+        name = _te_elementwise(call, mod)
+        if bound is not None:  # where(isnan(c), +-inf, c): c, when c is a number
+            same = np.array_equal(checked.value.numpy(), bound.value.numpy())
+            scalar = bound if same and not np.isnan(bound.value.numpy()).any() else None
+    value = scalar.value.numpy() if scalar is not None else None
+    if value is None or value.size != 1 or value.dtype != np.float32:
+        return None, None
+    value = float(value.reshape(()))
+    if name in ("relax.maximum", "maximum"):
+        return value, FLT_MAX
+    if name in ("relax.minimum", "minimum"):
+        return -FLT_MAX, value
+    return None, None
+
+
+def _te_elementwise(call: relax.Call, mod: tvm.IRModule) -> str:
+    """"maximum" / "minimum" for a call of the importer's TE kernels of those names on an
+    output and a 0-d bound, the result shaped like the output; else ""."""
+    gvar = call.args[0]
+    base = getattr(gvar, "name_hint", "").rstrip("0123456789")
+    if base not in ("maximum", "minimum") or gvar not in mod.functions:
+        return ""
+    shapes = [static_shape(a) for a in call.args[1].fields]
+    if len(shapes) != 2 or shapes[1] != [] or shapes[0] is None or shapes[0] != static_shape(call):
+        return ""
+    return base
+
+
+def _clamped(current: Epilogue, low: float | None, high: float | None) -> Epilogue | None:
+    """The kernel's clamp once [low, high] is applied after it, or None if it cannot be one."""
+    if low is None:
+        return None
+    # clamp(clamp(x, a, b), low, high) is clamp(x, max(a, low), min(b, high)) while the two
+    # ranges overlap; otherwise the result is a constant, left to TVM
+    low, high = max(current.low, low), min(current.high, high)
+    return Epilogue(low, high) if low <= high else None
 
 
 def _constant(expr: relax.Expr) -> np.ndarray:
