@@ -89,11 +89,96 @@ def run(pipeline: str, target: str | None, output: str | None, force: bool) -> N
 
 
 @cli.command()
-@click.argument("pipeline", required=False)
-def prune(pipeline: str | None) -> None:
-    """Prune a checkpoint on its own (arrives with the pruning-methods issue, #4)."""
-    raise UnsupportedError("'prune' on its own arrives with issue #4 (pruning methods); today "
-                           "'prune2tvm run PIPELINE' trains, prunes (AGP) and evaluates in one go")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--model", "-m", "model_name", required=True, help="Model name from the zoo (see 'pipelines show').")
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
+              help="A plan.json written by a run (variants/<name>/plan.json).")
+@click.option("--input-shape", default="1,8,8", show_default=True, help="One sample's shape C,H,W.")
+@click.option("--num-classes", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="State dict to write.")
+@click.option("--summary", "show_summary", is_flag=True,
+              help="Print the per-layer sparsity summary (NNZ, element/block/filter/channel sparsity, MACs).")
+@click.option("--block", default="4,1", show_default=True, help="Block R,C for the summary's block sparsity.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def prune(checkpoint: str, model_name: str, plan_path: str, input_shape: str, num_classes: int, output: str,
+          show_summary: bool, block: str, force: bool) -> None:
+    """Apply a pruning plan to a (dense) checkpoint: thin, rearrange and mask as the plan says,
+    and write the pruned state dict (fine-tuning is the pipeline's job)."""
+    import torch
+
+    from prune2tvm.checkpoint import load_state_dict
+    from prune2tvm.fsutil import atomic_path
+    from prune2tvm.models import build_model
+    from prune2tvm.prune.plan import PruningPlan
+
+    if Path(output).exists() and not force:
+        raise OutputExistsError(f"{output} already exists; pass --force to replace it")
+    shape = tuple(_parse_shape(input_shape, "--input-shape"))
+    model = build_model(model_name, shape, num_classes)
+    load_state_dict(model, checkpoint)
+    plan = PruningPlan.load(plan_path)
+    masks = plan.apply(model, where=plan_path)
+    with atomic_path(output) as tmp:
+        torch.save(model.state_dict(), tmp)
+    zeros = sum(int((m == 0).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    thinned = f", {len(plan.thinned)} filter group(s) thinned" if plan.thinned else ""
+    click.echo(f"wrote {output}: plan {plan.method}, {len(masks)} layer(s) masked, "
+               f"{zeros / total if total else 0:.3f} of their weights zero{thinned}")
+    if show_summary:
+        from prune2tvm.prune.summary import render_summary, sparsity_summary
+
+        block_rc = _parse_shape(block, "--block")
+        if len(block_rc) != 2:
+            raise InputError(f"--block {block!r}: give R,C (two positive integers)")
+        click.echo(render_summary(sparsity_summary(model, shape, tuple(block_rc))))
+
+
+@cli.command()
+@click.argument("pipeline")
+@click.option("--levels", default="0.2,0.4,0.6,0.8,0.9", show_default=True,
+              help="Sparsity levels to try on each layer alone.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Directory for sensitivity.csv and sensitivity.png.")
+@click.option("--force", is_flag=True, help="Replace existing results.")
+def sensitivity(pipeline: str, levels: str, output: str, force: bool) -> None:
+    """Sensitivity analysis: train the pipeline's dense model, then prune each layer alone at
+    each level (the pipeline's granularity) and record validation accuracy. Use the CSV in a
+    pipeline with prune.sensitivity: {file: .../sensitivity.csv, tolerances: [0.01]}."""
+    from prune2tvm.config import load_pipeline
+    from prune2tvm.data import load_dataset
+    from prune2tvm.fsutil import staged_dir
+    from prune2tvm.models import build_model
+    from prune2tvm.prune.agp_prune import pruning_layers
+    from prune2tvm.prune.sensitivity import layer_targets, plot, sweep, write_csv
+    from prune2tvm.train import accuracy, make_optimizer, predict_torch, seed_everything, train_epochs
+
+    try:
+        values = [float(v) for v in levels.split(",")]
+    except ValueError:
+        raise InputError(f"--levels {levels!r}: not a comma-separated list of numbers in (0, 1)") from None
+    if not values or any(not 0.0 < v < 1.0 for v in values):
+        raise InputError(f"--levels {levels!r}: each level must be in (0, 1), e.g. 0.2,0.5,0.8")
+    cfg = load_pipeline(pipeline)
+    with staged_dir(output, force=force, what="sensitivity results") as stage:
+        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path)
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model.name, data.input_shape, data.num_classes)
+        train_epochs(model, data.train, data.val, cfg.train, cfg.train.epochs, cfg.seed,
+                     make_optimizer(model, cfg.train), desc="train dense")
+        model.eval()
+        granularity = cfg.prune.granularity_spec()
+        layers, skipped = pruning_layers(model, cfg.prune, granularity)
+        for name, why in skipped.items():
+            click.echo(f"  {name}: not swept ({why})")
+        points = sweep(model, layers, lambda m: accuracy(predict_torch(m, data.val.x), data.val.y), values, granularity)
+        write_csv(points, stage / "sensitivity.csv")
+        plot(points, stage / "sensitivity.png", f"{cfg.name}: {granularity} pruned one layer at a time")
+    for tolerance in (0.01, 0.03):
+        targets = layer_targets(points, tolerance)
+        click.echo(f"within {100 * tolerance:g} % of dense accuracy: "
+                   + ", ".join(f"{n} {t:.2f}" for n, t in targets.items()))
+    click.echo(f"wrote {output}/sensitivity.csv, {output}/sensitivity.png")
 
 
 @cli.command()
@@ -417,7 +502,7 @@ def pipelines_list() -> None:
 
     for name in available(PIPELINES_DIR):
         cfg = load_pipeline(name)
-        click.echo(f"{name:14s} {cfg.description}")
+        click.echo(f"{name:18s} {cfg.description}")
 
 
 @pipelines.command(name="show")

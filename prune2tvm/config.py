@@ -213,6 +213,22 @@ class TrainConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """Per-layer targets from a sensitivity CSV (``prune2tvm sensitivity``): one variant per
+    tolerated accuracy drop, each layer pruned to the highest level it tolerates."""
+
+    file: str
+    tolerances: list[float] = field(default_factory=lambda: [0.01])
+    mode: Literal["target", "threshold"] = "target"  # threshold: Distiller's sensitivity x std
+
+    def check(self, where: str) -> None:
+        if not self.tolerances:
+            raise ConfigError(f"{where}tolerances: empty; give at least one accuracy drop in [0, 1]")
+        for i, t in enumerate(self.tolerances):
+            _in_range(f"{where}tolerances[{i}]", t, 0.0, 1.0)
+
+
+@dataclass
 class PruneConfig:
     """Automated Gradual Pruning (Zhu & Gupta), one fine-tuned variant per final sparsity.
 
@@ -235,6 +251,7 @@ class PruneConfig:
     scope: Literal["layer", "global"] = "layer"
     rearrange: Optional[bool] = None  # filter rearrangement; default: on for 1xN, off otherwise
     criterion: Literal["l1", "l2", "bn_scale", "fpgm"] = "l1"  # method filter: how filters are ranked
+    sensitivity: Optional[SensitivityConfig] = None  # per-layer targets from a sensitivity analysis
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8])
     initial_sparsity: float = 0.0
     start_epoch: int = 0
@@ -270,14 +287,21 @@ class PruneConfig:
         if self.rearrange and self.method != "1xN" and self.granularity != "block":
             raise ConfigError(f"{where}rearrange: filter rearrangement needs block granularity "
                               f"(got {self.granularity!r}); valid: granularity block, or rearrange false")
-        if not self.sparsities:
-            raise ConfigError(f"{where}sparsities: empty; give at least one final sparsity in [0, 1)")
+        if self.sensitivity is not None:
+            if self.method != "agp":
+                raise ConfigError(f"{where}sensitivity: per-layer targets go with method agp, not {self.method!r}")
+            if self.sensitivity.mode == "threshold" and self.granularity != "element":
+                raise ConfigError(f"{where}sensitivity.mode: threshold prunes elements (|w| < s * std(w)); "
+                                  f"valid with granularity element, or mode target")
+        elif not self.sparsities:
+            raise ConfigError(f"{where}sparsities: empty; give at least one final sparsity in [0, 1), "
+                              "or per-layer targets with sensitivity")
         for i, s in enumerate(self.sparsities):
             _in_range(f"{where}sparsities[{i}]", s, 0.0, 1.0, hi_open=True)
         if len(set(self.sparsities)) != len(self.sparsities):
             raise ConfigError(f"{where}sparsities: {self.sparsities} repeats a value; give each final sparsity once")
         _in_range(f"{where}initial_sparsity", self.initial_sparsity, 0.0, 1.0, hi_open=True)
-        if self.initial_sparsity > min(self.sparsities):
+        if self.sparsities and self.initial_sparsity > min(self.sparsities):
             raise ConfigError(f"{where}initial_sparsity: {self.initial_sparsity} exceeds a final sparsity; valid: <= {min(self.sparsities)}")
         if self.start_epoch < 0:
             raise ConfigError(f"{where}start_epoch: {self.start_epoch} is out of range; valid: >= 0")

@@ -61,6 +61,10 @@ def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> 
     ensure_writable_dir(out_dir.parent)
     if out_dir.exists() and not options.force:
         raise OutputExistsError(f"results already exist at {out_dir}; pass --force to replace them")
+    if cfg.prune.sensitivity is not None:  # a bad file stops the run before training, not after
+        from prune2tvm.prune.sensitivity import read_csv
+
+        read_csv(cfg.prune.sensitivity.file)
     say("Resolved configuration:\n" + describe(cfg, target, out_dir, source))
     with staged_dir(out_dir, force=options.force) as stage:
         _run_stages(cfg, target, stage, source)
@@ -84,6 +88,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     from prune2tvm.prune.filters import filter_prune
     from prune2tvm.prune.gsm import gsm_prune
     from prune2tvm.prune.masks import layer_sparsity
+    from prune2tvm.prune.summary import sparsity_summary
     from prune2tvm.report import Report, Variant, write_report
     from prune2tvm.train import accuracy, make_optimizer, predict_torch, seed_everything, train_epochs
 
@@ -122,6 +127,9 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
                 say(f"  {layer}: {why}")
             say(f"  measured sparsity {result.sparsity:.4f}, val accuracy {result.history[-1].val_accuracy:.4f}")
         variants.append(result)
+
+    if cfg.prune.sensitivity is not None:
+        variants += _sensitivity_variants(cfg, dense, data)
 
     x_test, y_test = data.test.x, data.test.y
     check_x = x_test[:CHECK_BATCH]
@@ -166,6 +174,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
             agreement=agree,
             latency_ms={k: s.to_json() for k, s in stats.items()},
             layers=[layer.to_json() for layer in result.layers],
+            summary=sparsity_summary(result.model, data.input_shape, tuple(cfg.prune.block)),
             files={"checkpoint": f"variants/{result.name}/model.pt", "onnx": f"variants/{result.name}/model.onnx",
                    "tvm": f"variants/{result.name}/tvm"},
             checks={"export_max_abs_diff": onnx_model.max_abs_diff,
@@ -199,6 +208,34 @@ def _build_note(bsr) -> str:
             else f"has at least {bsr.threshold:g} of its {bsr.block[0]}x{bsr.block[1]} blocks all zero")
     return (f"TVM builds run each linear and conv layer that {rule} as prune2tvm's BSR kernels; other "
             f"layers use dense kernels {untuned}.")
+
+
+def _sensitivity_variants(cfg: PipelineConfig, dense, data) -> list:
+    """One AGP variant per tolerance, each layer to the target its sensitivity allows."""
+    from prune2tvm.errors import ConfigError
+    from prune2tvm.prune.agp_prune import agp_prune, pruning_layers
+    from prune2tvm.prune.sensitivity import layer_targets, read_csv
+    from prune2tvm.train import seed_everything
+
+    sens = cfg.prune.sensitivity
+    points = read_csv(sens.file)
+    layers, _ = pruning_layers(dense, cfg.prune, cfg.prune.granularity_spec())
+    unknown = sorted({p.layer for p in points} - set(layers))
+    if unknown:
+        raise ConfigError(f"{sens.file}: layers {', '.join(unknown)} are not prunable layers of {cfg.model.name}; "
+                          f"valid: {', '.join(layers)}")
+    results = []
+    for tolerance in sens.tolerances:
+        targets = layer_targets(points, tolerance)
+        name = f"agp-sens{100 * tolerance:g}"
+        listed = ", ".join(f"{n} {t:.2f}" for n, t in targets.items())
+        with phase("prune", f"{name}: AGP to per-layer targets within {100 * tolerance:g} % accuracy "
+                            f"({sens.mode} mode): {listed}"):
+            seed_everything(cfg.seed)
+            result = agp_prune(dense, data, cfg.prune, cfg.train, 0.0, cfg.seed, name, targets=targets)
+            say(f"  measured sparsity {result.sparsity:.4f}, val accuracy {result.history[-1].val_accuracy:.4f}")
+        results.append(result)
+    return results
 
 
 def _save_checkpoint(model, path: Path) -> None:

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from prune2tvm.cli import cli
 from conftest import write_yaml
 
-VERBS = ["run", "prune", "export", "compile", "tune", "bench", "report", "targets", "targets list",
+VERBS = ["run", "prune", "sensitivity", "export", "compile", "tune", "bench", "report", "targets", "targets list",
          "targets show", "pipelines", "pipelines list", "pipelines show", "env"]
 
 
@@ -75,10 +75,37 @@ def test_debug_shows_the_traceback(tmp_path):
     assert type(result.exception).__name__ == "ConfigError"
 
 
-@pytest.mark.parametrize("verb, issue", [("prune", "#4")])
-def test_later_stages_say_so_and_fail(verb, issue):
-    result = invoke(verb)
-    assert_one_line_error(result, f"arrives with issue {issue}")
+def test_prune_applies_a_plan_to_a_dense_checkpoint_and_refuses_one_that_does_not_fit(tmp_path):
+    import torch
+
+    from prune2tvm.models import build_model
+    from prune2tvm.prune.granularity import Granularity
+    from prune2tvm.prune.masks import MaskHolder, prunable_layers
+    from prune2tvm.prune.plan import PruningPlan
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    holder = MaskHolder(prunable_layers(model, ["1", "3"]))
+    holder.set_sparsity(0.75, Granularity("block", (4, 1)))
+    PruningPlan.from_model(model, holder.masks, Granularity("block", (4, 1)), "agp").save(tmp_path / "plan.json")
+    result = invoke("prune", str(tmp_path / "dense.pt"), "-m", "mlp", "--plan", str(tmp_path / "plan.json"),
+                    "-o", str(tmp_path / "pruned.pt"), "--summary")
+    assert result.exit_code == 0, result.output
+    assert "2 layer(s) masked, 0.750 of their weights zero" in result.output
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in result.output.splitlines() if line.startswith("| ")}
+    # layer 1: 256x64, 75 % of 4x1 blocks gone; 64*256 MACs per sample; the classifier untouched
+    assert rows["1"] == ["256x64", "16384", "4096", "75.0", "75.0", "0.0", "0.0", "16384", "4096"]
+    assert rows["5"][4] == "-" and rows["5"][2] == rows["5"][1]  # 10 outputs: no 4x1 blocks; dense
+    pruned = torch.load(tmp_path / "pruned.pt", weights_only=True)
+    assert torch.equal(pruned["1.weight"], model.state_dict()["1.weight"])  # the masked model itself
+    # the plan on a model for another input size: refused, nothing written
+    torch.save(build_model("mlp", (1, 4, 4), 10).state_dict(), tmp_path / "small.pt")
+    result = invoke("prune", str(tmp_path / "small.pt"), "-m", "mlp", "--input-shape", "1,4,4",
+                    "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "other.pt"))
+    assert_one_line_error(result, "plan.json does not fit the model: 1 is [256, 16], the plan's [256, 64]")
+    assert not (tmp_path / "other.pt").exists()
 
 
 def test_targets_list_and_show():

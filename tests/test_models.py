@@ -6,7 +6,8 @@ import torch
 from prune2tvm.models import MODELS, build_model
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "resnet18": (3, 32, 32), "resnet50": (3, 32, 32),
-          "mobilenet_v2": (3, 32, 32), "bert_tiny": (16, 32), "bert_base": (8, 768)}
+          "mobilenet_v2": (3, 32, 32), "bert_tiny": (16, 32), "bert_base": (8, 768), "lenet_300_100": (1, 28, 28),
+          "lenet5": (1, 28, 28), "resnet20": (3, 32, 32), "resnet56": (3, 32, 32), "mobilenet_v1": (3, 32, 32)}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -21,6 +22,17 @@ def test_every_zoo_model_builds_and_runs(name):
                                           ("mobilenet_v2", 3_504_872)])
 def test_imagenet_models_have_the_reference_parameter_counts(name, params):
     model = build_model(name, (3, 224, 224), 1000)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize("name, shape, params", [
+    ("lenet_300_100", (1, 28, 28), 266_610),  # 784*300+300 + 300*100+100 + 100*10+10
+    ("lenet5", (1, 28, 28), 431_080),  # Caffe's LeNet-5
+    ("resnet20", (3, 32, 32), 269_722 + 2_752),  # option A's count plus two projection shortcuts (conv + BN)
+    ("mobilenet_v1", (3, 224, 224), 4_231_976),
+])
+def test_classic_models_have_their_reference_sizes(name, shape, params):
+    model = build_model(name, shape, 10 if name != "mobilenet_v1" else 1000)
     assert sum(p.numel() for p in model.parameters()) == params
 
 

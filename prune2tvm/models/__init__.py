@@ -7,7 +7,7 @@ from prune2tvm.registry import Registry
 
 MODELS = Registry("model")
 
-from prune2tvm.models import imagenet, small, transformer  # noqa: E402,F401
+from prune2tvm.models import classic, imagenet, small, transformer  # noqa: E402,F401
 
 __all__ = ["MODELS", "build_model"]
 

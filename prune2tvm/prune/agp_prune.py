@@ -58,7 +58,11 @@ def pruning_layers(model: nn.Module, prune: PruneConfig, granularity: Granularit
 
 
 def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: TrainConfig,
-              final_sparsity: float, seed: int, name: str) -> PruneResult:
+              final_sparsity: float, seed: int, name: str, targets: dict[str, float] | None = None) -> PruneResult:
+    """AGP to ``final_sparsity``; with ``targets`` (per-layer final sparsities from a sensitivity
+    analysis), each layer follows the cubic schedule scaled to its own target, or, in
+    threshold mode, prunes |w| < sensitivity * std(w) with the threshold rising on the
+    schedule (Distiller's SensitivityPruner)."""
     model = copy.deepcopy(dense)
     granularity = prune.granularity_spec()
     layers, skipped = pruning_layers(model, prune, granularity)
@@ -69,14 +73,26 @@ def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: 
         orders, not_rearranged = rearrange_filters(model, list(layers))
         skipped.update({n: f"pruned in its own order: {why}" for n, why in not_rearranged.items()})
     holder = MaskHolder(layers)
-    schedule = AGPSchedule(prune.initial_sparsity, final_sparsity, prune.start_epoch, prune.end_epoch,
-                           prune.frequency)
+    if targets is not None:
+        targets = {n: targets.get(n, 0.0) for n in layers}
+        final_sparsity = max(targets.values(), default=0.0)
+    schedule = AGPSchedule(min(prune.initial_sparsity, final_sparsity), final_sparsity, prune.start_epoch,
+                           prune.end_epoch, prune.frequency)
+    sensitivities = None
+    if targets is not None and prune.sensitivity is not None and prune.sensitivity.mode == "threshold":
+        from prune2tvm.prune.sensitivity import sensitivities_for
+
+        sensitivities = sensitivities_for(layers, targets)
     optimizer = make_optimizer(model, train, lr=prune.lr)
     applied: list[float] = []
 
     def before_epoch(epoch: int) -> None:
         if schedule.is_pruning_step(epoch):
-            holder.set_sparsity(schedule.sparsity(epoch), granularity, prune.scope)
+            if targets is None:
+                holder.set_sparsity(schedule.sparsity(epoch), granularity, prune.scope)
+            else:
+                fraction = schedule.sparsity(epoch) / final_sparsity if final_sparsity else 0.0
+                holder.set_masks(_per_layer_masks(layers, granularity, targets, fraction, sensitivities))
             holder.apply(optimizer)
         applied.append(schedule.sparsity(epoch))
 
@@ -87,3 +103,12 @@ def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: 
     plan = PruningPlan.from_model(model, holder.masks, granularity, prune.method, orders)
     return PruneResult(name, model, final_sparsity, layer_sparsity(model, list(layers)), history, applied, plan,
                        skipped)
+
+
+def _per_layer_masks(layers, granularity, targets, fraction, sensitivities):
+    from prune2tvm.prune.granularity import layer_masks
+    from prune2tvm.prune.sensitivity import threshold_masks
+
+    if sensitivities is not None:
+        return threshold_masks(layers, sensitivities, scale=fraction)
+    return {n: layer_masks({n: layer}, granularity, targets[n] * fraction)[n] for n, layer in layers.items()}

@@ -24,6 +24,7 @@ class Variant:
     files: dict[str, str] = field(default_factory=dict)  # relative to the run directory
     checks: dict = field(default_factory=dict)  # numerical checks: export and compile
     compiled_layers: list[dict] = field(default_factory=list)  # per weight layer: dense or BSR, and why
+    summary: list[dict] = field(default_factory=list)  # Distiller-style per-layer sparsity and MACs
 
     def speedup(self) -> float | None:
         """onnxruntime median / TVM median."""

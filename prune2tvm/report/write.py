@@ -54,6 +54,11 @@ def render_markdown(report: Report) -> str:
     for v in report.variants:
         if v.compiled_layers:
             lines += ["", f"## {v.name}: TVM kernels per layer", "", render_layer_table(v.compiled_layers)]
+        if v.summary:
+            from prune2tvm.prune.summary import render_summary
+
+            lines += ["", f"## {v.name}: per-layer sparsity", "", render_summary(v.summary)]
+            continue
         if not v.layers:
             continue
         lines += ["", f"## {v.name}: per-layer sparsity", "", "| layer | shape | zeros / weights | sparsity % |",
