@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from prune2tvm import __version__
-from prune2tvm.errors import InputError, OutputExistsError, Prune2TVMError, UnsupportedError
+from prune2tvm.errors import InputError, OutputExistsError, Prune2TVMError
 
 
 class _Group(click.Group):

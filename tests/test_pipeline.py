@@ -229,3 +229,45 @@ prune: {{method: {method}, {extra}, sparsities: [0.5], start_epoch: 0, end_epoch
         fine_tune_epochs: 4}}
 measure: {{batch_size: 4, warmup: 2, repeat: 10, rounds: 2}}
 """
+
+
+# shipped pipeline, variant, the report's accuracy floor (issue #4), pruned layer -> (zero units, units)
+METHOD_PIPELINES = {
+    "digits-agp-fine": ("agp-90", 0.93, "element"),
+    "digits-agp-blocks": ("agp-75", 0.92, "block"),
+    "digits-1xn": ("1xN-75", 0.92, "block"),
+    "digits-filter": ("filter-50", 0.90, "filter"),
+    "digits-gsm": ("gsm-75", 0.92, "block"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_PIPELINES))
+def test_shipped_method_pipelines_reach_their_sparsity_and_accuracy(tmp_path, name):
+    variant_name, floor, kind = METHOD_PIPELINES[name]
+    out = tmp_path / "run"
+    result = run_cli("run", f"pipelines/{name}.yaml", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    variant = next(v for v in json.loads((out / "report.json").read_text())["variants"] if v["name"] == variant_name)
+    assert variant["accuracy"]["tvm"] >= floor and variant["agreement"]["tvm"] == 1.0
+    state = torch.load(out / variant["files"]["checkpoint"], weights_only=True)
+    dense = torch.load(out / "variants" / "dense" / "model.pt", weights_only=True)
+    rate = variant["target_sparsity"]
+    for layer in ("0", "3", "8"):  # the two convs and the hidden linear layer (the classifier: see below)
+        w, d = state[f"{layer}.weight"], dense[f"{layer}.weight"]
+        if kind == "element":  # exactly round(rate * n) zeros
+            assert int((w == 0).sum()) == round(rate * w.numel()), layer
+        elif kind == "block":  # exactly that many all-zero 4x1 blocks, every zero in one
+            blocks = w.reshape(w.shape[0] // 4, 4, -1).abs().sum(1)
+            if name == "digits-gsm":  # one global budget over the layers
+                continue
+            assert int((blocks == 0).sum()) == round(rate * blocks.numel()), layer
+            assert int((w == 0).sum()) == 4 * int((blocks == 0).sum()), layer
+        else:  # half the filters removed; the next layer's inputs follow
+            assert w.shape[0] == d.shape[0] // 2, layer
+    if kind == "block" and name == "digits-gsm":
+        blocks = [state[f"{n}.weight"].reshape(state[f"{n}.weight"].shape[0] // 4, 4, -1).abs().sum(1) for n in "038"]
+        zero = sum(int((b == 0).sum()) * 4 * 1 for b in blocks)
+        weights = sum(state[f"{n}.weight"].numel() for n in "038")
+        assert abs(zero / weights - rate) <= 4 / weights * 32  # within a few blocks of the global budget
+    if kind == "filter":
+        assert state["10.weight"].shape == (10, 64)  # the logits stay, reading the thinned features

@@ -4,6 +4,11 @@
 
 Sparsity rises fast while the network has redundant weights and slowly near the end.
 Between pruning steps the sparsity of the last step holds; before ``t_0`` nothing is pruned.
+
+The formula is torch.ao.pruning's ``CubicSL.sparsity_compute_fn``. CubicSL itself is a
+scheduler bound to a torch.ao sparsifier, whose parametrized masks leave the stored weights
+nonzero. prune2tvm's masks zero the weights themselves (``MaskHolder``), so only the formula
+is taken, evaluated at the last pruning step (the hold between steps).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class AGPSchedule:
             return 0.0
         if t >= self.end:
             return self.final
+        from torch.ao.pruning import CubicSL
+
         last_step = self.start + ((t - self.start) // self.frequency) * self.frequency
-        progress = (last_step - self.start) / (self.end - self.start)
-        return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
+        steps = (self.end - self.start) // self.frequency
+        return float(CubicSL.sparsity_compute_fn(self.initial, self.final, last_step, self.start, self.frequency,
+                                                 steps, initially_zero=True))
