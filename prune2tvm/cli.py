@@ -72,8 +72,11 @@ def _parse_shape(text: str, option: str) -> list[int]:
 @click.argument("pipeline")
 @click.option("--target", "-t", help="Target name or YAML file; overrides the pipeline's compile.target.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Run directory (default: runs/<name>).")
+@click.option("--data-path", default=None, help="Overrides data.path (the directory of a file dataset).")
+@click.option("--checkpoint", default=None, help="Overrides model.checkpoint (a state dict to start from).")
 @click.option("--force", is_flag=True, help="Replace an existing run directory (only once the new one is complete).")
-def run(pipeline: str, target: str | None, output: str | None, force: bool) -> None:
+def run(pipeline: str, target: str | None, output: str | None, data_path: str | None, checkpoint: str | None,
+        force: bool) -> None:
     """Run a pipeline file (or a shipped pipeline's name): train, prune, export, compile,
     evaluate, measure and report."""
     from prune2tvm.config import load_pipeline, resolve_named_file, PIPELINES_DIR
@@ -81,7 +84,8 @@ def run(pipeline: str, target: str | None, output: str | None, force: bool) -> N
 
     cfg = load_pipeline(pipeline)
     source = str(resolve_named_file(pipeline, PIPELINES_DIR, "pipeline"))
-    out = run_pipeline(cfg, RunOptions(target=target, output=output, force=force), source=source)
+    out = run_pipeline(cfg, RunOptions(target=target, output=output, force=force, data_path=data_path,
+                                       checkpoint=checkpoint), source=source)
     click.echo(f"wrote {out}/report.md, {out}/report.json, {out}/accuracy_vs_latency.png")
 
 
@@ -161,7 +165,7 @@ def sensitivity(pipeline: str, levels: str, output: str, force: bool) -> None:
         raise InputError(f"--levels {levels!r}: each level must be in (0, 1), e.g. 0.2,0.5,0.8")
     cfg = load_pipeline(pipeline)
     with staged_dir(output, force=force, what="sensitivity results") as stage:
-        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path)
+        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path, cfg.data.image_size)
         seed_everything(cfg.seed)
         model = build_model(cfg.model.name, data.input_shape, data.num_classes)
         train_epochs(model, data.train, data.val, cfg.train, cfg.train.epochs, cfg.seed,
@@ -500,9 +504,11 @@ def pipelines_list() -> None:
     """List the shipped pipelines."""
     from prune2tvm.config import PIPELINES_DIR, available, load_pipeline
 
-    for name in available(PIPELINES_DIR):
+    names = available(PIPELINES_DIR)
+    width = max(map(len, names), default=0)
+    for name in names:
         cfg = load_pipeline(name)
-        click.echo(f"{name:18s} {cfg.description}")
+        click.echo(f"{name:{width}s}  {cfg.description}")
 
 
 @pipelines.command(name="show")

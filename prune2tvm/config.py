@@ -173,13 +173,16 @@ def _check_version(data: Any, path: Path, expected: int) -> None:
 class DataConfig:
     dataset: str = "digits"
     split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
-    path: Optional[str] = None
+    path: Optional[str] = None  # cifar10, mnist, imagefolder: the directory of the user's files
+    image_size: Optional[list[int]] = None  # imagefolder: [H, W] every image is resized to (224x224)
 
     def check(self, where: str) -> None:
         from prune2tvm.data import DATASETS
 
         if self.dataset not in DATASETS:
             raise ConfigError(f"{where}dataset: {self.dataset!r} is not a known dataset; valid choices: {', '.join(DATASETS)}")
+        if self.image_size is not None and (len(self.image_size) != 2 or any(d < 1 for d in self.image_size)):
+            raise ConfigError(f"{where}image_size: {self.image_size} is not valid; valid: [H, W], two positive integers")
         if len(self.split) != 3 or any(s <= 0 for s in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
             raise ConfigError(f"{where}split: {self.split} is not valid; valid: three positive fractions (train, val, test) summing to 1")
 
@@ -187,6 +190,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn"
+    checkpoint: Optional[str] = None  # a state dict to start from (weights_only loading), e.g. torchvision's
 
     def check(self, where: str) -> None:
         from prune2tvm.models import MODELS
@@ -205,7 +209,8 @@ class TrainConfig:
     weight_decay: float = 0.0
 
     def check(self, where: str) -> None:
-        _positive(f"{where}epochs", self.epochs)
+        if self.epochs < 0:
+            raise ConfigError(f"{where}epochs: {self.epochs} is out of range; valid: >= 0 (0: use model.checkpoint as it is)")
         _positive(f"{where}batch_size", self.batch_size)
         _positive(f"{where}lr", self.lr)
         _in_range(f"{where}momentum", self.momentum, 0.0, 1.0, hi_open=True)

@@ -35,6 +35,8 @@ class RunOptions:
     target: str | None = None  # overrides compile.target
     output: str | None = None  # overrides the pipeline's output directory
     force: bool = False
+    data_path: str | None = None  # overrides data.path
+    checkpoint: str | None = None  # overrides model.checkpoint
 
 
 def resolve(cfg: PipelineConfig, options: RunOptions) -> tuple[TargetConfig, Path]:
@@ -52,7 +54,25 @@ def describe(cfg: PipelineConfig, target: TargetConfig, out_dir: Path, source: s
 
 
 def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> Path:
+    import dataclasses
+
+    if options.data_path is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=options.data_path))
+    if options.checkpoint is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=options.checkpoint))
+    from prune2tvm.errors import ConfigError, InputError
+
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
+        raise InputError(f"model.checkpoint: {cfg.model.checkpoint} is not a file")
+    if cfg.train.epochs == 0 and cfg.model.checkpoint is None:
+        raise ConfigError("train.epochs: 0 trains nothing and there is no model.checkpoint to start from; "
+                          "valid: epochs >= 1, or give model.checkpoint (or --checkpoint)")
     target, out_dir = resolve(cfg, options)
+    from prune2tvm.distributed import init_from_env, world
+
+    if init_from_env() and world()[0] != 0:  # under torchrun: train alongside rank 0, write nothing
+        train_and_prune(cfg)
+        return out_dir
     runs, why = target.runs_here()
     if not runs:
         raise UnsupportedError(f"target {target.name} cannot be evaluated on this machine ({why}); "
@@ -72,44 +92,35 @@ def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> 
     return out_dir
 
 
-def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: str) -> None:
-    import numpy as np
-    import onnxruntime
-    import torch
-
-    from prune2tvm.compile import compile_onnx
+def train_and_prune(cfg: PipelineConfig):
+    """Data, the dense model, and every pruned variant: the stages that train. Under torchrun
+    every process runs these (DistributedDataParallel keeps them identical); only rank 0 goes
+    on to export, compile, measure and report."""
     from prune2tvm.data import load_dataset
-    from prune2tvm.export import export_onnx
-    from prune2tvm.measure.accuracy import agreement, predict_batched
-    from prune2tvm.measure.latency import measure_interleaved
     from prune2tvm.models import build_model
-    from prune2tvm.onnxrt import session
     from prune2tvm.prune.agp_prune import PruneResult, agp_prune
     from prune2tvm.prune.filters import filter_prune
     from prune2tvm.prune.gsm import gsm_prune
     from prune2tvm.prune.masks import layer_sparsity
-    from prune2tvm.prune.summary import sparsity_summary
-    from prune2tvm.report import Report, Variant, write_report
-    from prune2tvm.train import accuracy, make_optimizer, predict_torch, seed_everything, train_epochs
+    from prune2tvm.train import make_optimizer, seed_everything, train_epochs
 
-    threads = target.threads or os.cpu_count() or 1
-    from prune2tvm.compile.build import SparsifyOptions
-
-    bsr = cfg.compile.bsr
-    sparsify = None
-    if bsr is not None:
-        auto = bsr.threshold == "auto"
-        sparsify = SparsifyOptions(tuple(bsr.block), 0.0 if auto else bsr.threshold, auto=auto)
     with phase("data", f"{cfg.data.dataset}, split {cfg.data.split}, seed {cfg.seed}"):
-        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path)
+        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path, cfg.data.image_size)
         say(f"  train {len(data.train)}, val {len(data.val)}, test {len(data.test)} samples of shape {data.input_shape}")
 
-    with phase("train", f"dense {cfg.model.name} for {cfg.train.epochs} epochs"):
+    start = f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""
+    with phase("train", f"dense {cfg.model.name}{start} for {cfg.train.epochs} epochs"):
         seed_everything(cfg.seed)
         dense = build_model(cfg.model.name, data.input_shape, data.num_classes)
+        if cfg.model.checkpoint:
+            from prune2tvm.checkpoint import load_state_dict
+
+            load_state_dict(dense, cfg.model.checkpoint)
         history = train_epochs(dense, data.train, data.val, cfg.train, cfg.train.epochs, cfg.seed,
                                make_optimizer(dense, cfg.train), desc="train dense")
-        say(f"  loss {history[-1].loss:.4f}, val accuracy {history[-1].val_accuracy:.4f}")
+        if history:
+            say(f"  loss {history[-1].loss:.4f}, val accuracy {history[-1].val_accuracy:.4f}")
+        dense.eval()
     variants = [PruneResult("dense", dense, 0.0, layer_sparsity(dense, cfg.prune.layers), history)]
 
     for final in cfg.prune.sparsities:
@@ -130,6 +141,33 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
 
     if cfg.prune.sensitivity is not None:
         variants += _sensitivity_variants(cfg, dense, data)
+
+    return data, variants
+
+
+def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: str) -> None:
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from prune2tvm.compile import compile_onnx
+    from prune2tvm.export import export_onnx
+    from prune2tvm.measure.accuracy import agreement, predict_batched
+    from prune2tvm.measure.latency import measure_interleaved
+    from prune2tvm.onnxrt import session
+    from prune2tvm.prune.summary import sparsity_summary
+    from prune2tvm.report import Report, Variant, write_report
+    from prune2tvm.train import accuracy, predict_torch
+
+    threads = target.threads or os.cpu_count() or 1
+    from prune2tvm.compile.build import SparsifyOptions
+
+    bsr = cfg.compile.bsr
+    sparsify = None
+    if bsr is not None:
+        auto = bsr.threshold == "auto"
+        sparsify = SparsifyOptions(tuple(bsr.block), 0.0 if auto else bsr.threshold, auto=auto)
+    data, variants = train_and_prune(cfg)
 
     x_test, y_test = data.test.x, data.test.y
     check_x = x_test[:CHECK_BATCH]

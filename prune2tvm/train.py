@@ -42,7 +42,15 @@ def train_epochs(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, e
                  before_epoch: Callable[[int], None] | None = None,
                  after_step: Callable[[], None] | None = None,
                  before_step: Callable[[], None] | None = None) -> list[EpochLog]:
-    """Minibatch training with a seeded shuffle; hooks let pruning act around each step."""
+    """Minibatch training with a seeded shuffle; hooks let pruning act around each step.
+
+    Under torchrun (a process group), every process draws the same shuffle and takes every
+    N-th sample of each batch; DDP averages the gradients, so all processes keep the same
+    weights. A last batch smaller than the number of processes is dropped, by all alike."""
+    from prune2tvm.distributed import sync_buffers, world, wrap
+
+    rank, size = world()
+    stepper = wrap(model)
     x = torch.from_numpy(train.x)
     y = torch.from_numpy(train.y)
     generator = torch.Generator().manual_seed(seed)
@@ -56,8 +64,12 @@ def train_epochs(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, e
         total = 0.0
         for start in range(0, len(y), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
+            if size > 1:
+                if len(idx) < size:
+                    continue
+                idx = idx[rank::size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
+            loss = loss_fn(stepper(x[idx]), y[idx])
             loss.backward()
             if before_step is not None:
                 before_step()
@@ -65,6 +77,7 @@ def train_epochs(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, e
             if after_step is not None:
                 after_step()
             total += loss.item() * len(idx)
+        sync_buffers(model)
         logs.append(EpochLog(epoch, total / len(y), accuracy(predict_torch(model, val.x), val.y)))
     return logs
 

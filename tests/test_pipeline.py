@@ -271,3 +271,46 @@ def test_shipped_method_pipelines_reach_their_sparsity_and_accuracy(tmp_path, na
         assert abs(zero / weights - rate) <= 4 / weights * 32  # within a few blocks of the global budget
     if kind == "filter":
         assert state["10.weight"].shape == (10, 64)  # the logits stay, reading the thinned features
+
+
+def test_imagenet_pipeline_on_an_imagefolder_from_a_checkpoint(tmp_path):
+    """The shipped ImageNet-shaped MobileNet V2 pipeline, made small (32x32 images, fewer
+    calls): the user's ImageFolder and checkpoint come in through --data-path and
+    --checkpoint, the checkpoint is the dense model (no training), and a checkpoint that does
+    not fit the data's classes is refused in one line before anything is written."""
+    import yaml
+    from PIL import Image
+
+    from prune2tvm.models import build_model
+
+    root = tmp_path / "images"
+    for c, colour in enumerate([(220, 30, 30), (30, 220, 30), (30, 30, 220)]):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (36, 36), tuple(max(0, v - 9 * i) for v in colour)).save(root / f"class{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(build_model("mobilenet_v2", (3, 32, 32), 3).state_dict(), tmp_path / "mbv2.pt")
+    cfg = yaml.safe_load(open("pipelines/imagenet-mobilenet_v2.yaml"))
+    cfg["data"]["image_size"] = [32, 32]
+    cfg["data"]["split"] = [0.5, 0.25, 0.25]
+    cfg["prune"].update(sparsities=[0.5], end_epoch=1, fine_tune_epochs=2)
+    cfg["measure"].update(warmup=1, repeat=3, rounds=1)
+    pipeline = tmp_path / "small.yaml"
+    pipeline.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    result = run_cli("run", str(pipeline), "-o", str(out), "--data-path", str(root), "--checkpoint",
+                     str(tmp_path / "mbv2.pt"))
+    assert result.exit_code == 0, result.output
+    assert f"dense mobilenet_v2 from {tmp_path / 'mbv2.pt'} for 0 epochs" in result.output
+    dense = torch.load(out / "variants" / "dense" / "model.pt", weights_only=True)
+    given = torch.load(tmp_path / "mbv2.pt", weights_only=True)
+    assert all(torch.equal(dense[k], given[k]) for k in given)  # the checkpoint is the dense model
+    report = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["dense", "1xN-50"]
+    assert all(v["agreement"]["tvm"] == 1.0 for v in report["variants"])
+
+    torch.save(build_model("mobilenet_v2", (3, 32, 32), 5).state_dict(), tmp_path / "five.pt")
+    result = CliRunner().invoke(cli, ["run", str(pipeline), "-o", str(tmp_path / "run2"), "--data-path", str(root),
+                                      "--checkpoint", str(tmp_path / "five.pt")])
+    assert result.exit_code == 2 and "checkpoint does not fit the model" in result.output
+    assert "classifier.1.weight [5, 1280] != [3, 1280]" in result.output and not (tmp_path / "run2").exists()

@@ -6,10 +6,11 @@ from prune2tvm.registry import Registry
 DATASETS = Registry("dataset")
 
 # Importing the module registers its loaders; each keeps heavy imports inside the loader.
-from prune2tvm.data import digits  # noqa: E402,F401
+from prune2tvm.data import digits, files  # noqa: E402,F401
 
 __all__ = ["DATASETS", "DatasetSplits", "Split", "load_dataset"]
 
 
-def load_dataset(name: str, split: list[float], seed: int, path: str | None = None) -> DatasetSplits:
-    return DATASETS.lookup(name)(split=split, seed=seed, path=path)
+def load_dataset(name: str, split: list[float], seed: int, path: str | None = None,
+                 image_size: list[int] | None = None) -> DatasetSplits:
+    return DATASETS.lookup(name)(split=split, seed=seed, path=path, image_size=image_size)

@@ -11,9 +11,11 @@ from prune2tvm.errors import ConfigError
 
 
 @DATASETS.register("digits")
-def load_digits(split: list[float], seed: int, path: str | None = None) -> DatasetSplits:
+def load_digits(split: list[float], seed: int, path: str | None = None, image_size=None) -> DatasetSplits:
     if path is not None:
         raise ConfigError("data.path: the digits dataset is embedded and takes no path; remove the key")
+    if image_size is not None:
+        raise ConfigError("data.image_size: the digits are 8x8 and are not resized; remove the key")
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
