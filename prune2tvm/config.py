@@ -254,6 +254,7 @@ class PruneConfig:
     granularity: Literal["element", "block", "filter", "channel"] = "element"
     block: list[int] = field(default_factory=lambda: [4, 1])
     scope: Literal["layer", "global"] = "layer"
+    indivisible: Literal["skip", "pad"] = "skip"  # blocks: a layer that does not divide is left dense, or padded
     rearrange: Optional[bool] = None  # filter rearrangement; default: on for 1xN, off otherwise
     criterion: Literal["l1", "l2", "bn_scale", "fpgm"] = "l1"  # method filter: how filters are ranked
     sensitivity: Optional[SensitivityConfig] = None  # per-layer targets from a sensitivity analysis
@@ -273,9 +274,12 @@ class PruneConfig:
     def granularity_spec(self):
         from prune2tvm.prune.granularity import Granularity
 
+        pad = self.indivisible == "pad"
         if self.method == "1xN":
-            return Granularity("block", (self.block[0], 1))
-        return Granularity(self.granularity, tuple(self.block) if self.granularity == "block" else (1, 1))
+            return Granularity("block", (self.block[0], 1), pad)
+        if self.granularity == "block":
+            return Granularity("block", tuple(self.block), pad)
+        return Granularity(self.granularity)
 
     def check(self, where: str) -> None:
         if len(self.block) != 2 or any(b < 1 for b in self.block):

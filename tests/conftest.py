@@ -31,3 +31,23 @@ def write_yaml(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def zoo_model_with_trained_statistics(name: str, shape=(3, 32, 32), classes: int = 10):
+    """A zoo model in eval mode whose BatchNorms hold statistics and affine parameters other
+    than the defaults, so a wrong permutation or thinning of them shows in the outputs."""
+    import torch
+    from torch import nn
+
+    from prune2tvm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, shape, classes).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2)
+                nn.init.uniform_(module.weight, 0.5, 1.5)
+                nn.init.uniform_(module.bias, -0.2, 0.2)
+    return model

@@ -51,6 +51,7 @@ def test_pipeline_round_trips_through_a_dict():
     ("name: x\nprune: {method: gsm, granularity: channel}\n", ["prune.granularity", "GSM prunes elements or blocks"]),
     ("name: x\nprune: {method: filter, criterion: taylor}\n", ["prune.criterion", "l1, l2, bn_scale, fpgm"]),
     ("name: x\nprune: {scope: model}\n", ["prune.scope", "valid choices: layer, global"]),
+    ("name: x\nprune: {indivisible: crop}\n", ["prune.indivisible", "valid choices: skip, pad"]),
     ("name: x\nprune: {granularity: block, block: [0, 4]}\n", ["prune.block", "two positive integers"]),
     ("version: 7\nname: x\n", ["version: 7 is not supported", "valid: 1"]),
     ("prune: {}\n", ["name: missing required key"]),

@@ -73,16 +73,9 @@ def test_the_plan_thins_a_fresh_model_to_load_the_thinned_weights(tmp_path):
 def test_zoo_models_thin_to_the_masked_function(name):
     """Residual stages (ResNet-20's shortcuts, MobileNet V2's inverted residuals) and depthwise
     convs: every coupled layer loses the same channels."""
-    from prune2tvm.models import build_model
+    from conftest import zoo_model_with_trained_statistics
 
-    torch.manual_seed(0)
-    model = build_model(name, (3, 32, 32), 10).eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.2, 0.2)
+    model = zoo_model_with_trained_statistics(name)
     x = torch.randn(2, 3, 32, 32)
     result = thin_filters(model, x[:1], 0.4)
     assert result.params[1] < 0.8 * result.params[0] and result.macs[1] < 0.8 * result.macs[0]

@@ -101,12 +101,17 @@ def test_rearrangement_keeps_the_function_and_makes_the_exported_blocks_contiguo
     assert refused["fc2"] == "its output channels are the model's outputs"
     assert "used more than once" in refused["conv2"] and "add" in refused["res"]
     assert chains["conv1"].norms == ["bn1"] and chains["conv1"].consumer == "conv2"
-    orders, skipped = rearrange_filters(net, ["conv1", "conv2", "fc1"])
-    assert set(orders) == {"conv1", "fc1"} and set(skipped) == {"conv2"}
-    torch.testing.assert_close(net(x), reference, rtol=1e-5, atol=1e-5)  # same function
+    orders, skipped = rearrange_filters(net, ["conv1", "conv2", "res", "fc1", "fc2"], x[:1])
+    # conv2 and res share the residual's channels: one order for both, ranked by their summed norms
+    assert set(orders) == {"conv1", "conv2", "fc1"}
+    assert skipped == {"res": "rearranged with conv2 (coupled by a residual add)",
+                       "fc2": "its output channels are the model's outputs"}
+    assert float((net(x) - reference).detach().abs().max()) <= 1e-5  # same function
     norms = net.conv1.weight.detach().abs().reshape(16, -1).sum(1)
     assert torch.equal(norms, norms.sort(descending=True).values)  # strongest filters first
-    assert not torch.equal(orders["conv1"], torch.arange(16))
+    pair = sum(m.weight.detach().abs().reshape(16, -1).sum(1) for m in (net.conv2, net.res))
+    assert torch.equal(pair, pair.sort(descending=True).values)
+    assert not torch.equal(orders["conv1"], torch.arange(16)) and not torch.equal(orders["conv2"], torch.arange(16))
 
     # 1xN after rearrangement: the exported ONNX weight holds the zero 4x1 blocks in place
     layers = prunable_layers(net, ["conv1", "fc1"])
@@ -123,14 +128,14 @@ def test_rearrangement_keeps_the_function_and_makes_the_exported_blocks_contiguo
 
 def test_a_plan_reproduces_the_pruned_model_on_a_fresh_one(tmp_path):
     net = trained_net()
-    orders, _ = rearrange_filters(net, ["conv1", "fc1"])
+    orders, _ = rearrange_filters(net, ["conv1", "conv2", "fc1"], torch.zeros(1, 3, 8, 8))
     holder = MaskHolder(prunable_layers(net, ["conv1", "conv2", "fc1"]))
     holder.set_sparsity(0.5, Granularity("block", (4, 1)), scope="global")
-    plan = PruningPlan.from_model(net, holder.masks, Granularity("block", (4, 1)), "1xN", orders)
+    plan = PruningPlan.from_model(net, holder.masks, Granularity("block", (4, 1)), "1xN", orders, [3, 8, 8])
     plan.save(tmp_path / "plan.json")
     data = json.loads((tmp_path / "plan.json").read_text())
     assert [layer["name"] for layer in data["layers"]] == ["conv1", "conv2", "fc1"]
-    assert data["layers"][0]["order"] == orders["conv1"].tolist() and data["layers"][1]["order"] is None
+    assert data["layers"][0]["order"] == orders["conv1"].tolist() and data["layers"][1]["order"] == orders["conv2"].tolist()
     assert sum(layer["removed"] for layer in data["layers"]) > 0
 
     fresh = trained_net()  # the same dense weights, built anew
@@ -157,3 +162,41 @@ def test_a_plan_for_another_model_is_refused_before_anything_changes(tmp_path):
     (tmp_path / "trunc.json").write_text((tmp_path / "plan.json").read_text()[:50])
     with pytest.raises(InputError, match="not a pruning plan"):
         PruningPlan.load(tmp_path / "trunc.json")
+
+
+def test_indivisible_layers_are_skipped_or_padded_as_configured(tmp_path):
+    torch.manual_seed(4)
+    layer = nn.Linear(30, 10)  # 10 outputs: not a multiple of 4
+    skip, pad = Granularity("block", (4, 1)), Granularity("block", (4, 1), pad=True)
+    assert "[10, 30] does not divide into 4x1 blocks" in skip.unfit(layer) and pad.unfit(layer) is None
+    mask = layer_masks({"fc": layer}, pad, 0.5)["fc"]
+    assert mask.shape == (10, 30)
+    assert int((pad.scores(mask) == 0).sum()) == 45  # half of the 3 x 30 blocks, the last one 2 rows tall
+    for start, end in ((0, 4), (4, 8), (8, 10)):  # each block's rows are all kept or all gone
+        rows = mask[start:end]
+        assert bool(((rows == 0).all(0) | (rows == 1).all(0)).all())
+    plan = PruningPlan.from_model(nn.Sequential(layer), {"0": mask}, pad, "agp")
+    plan.save(tmp_path / "plan.json")
+    fresh = nn.Sequential(nn.Linear(30, 10))
+    masks = PruningPlan.load(tmp_path / "plan.json").apply(fresh)
+    assert torch.equal(masks["0"], mask) and bool((fresh[0].weight[mask == 0] == 0).all())
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2"])
+def test_rearranging_every_layer_of_residual_zoo_models_keeps_their_function(name):
+    """Residual stages share one order per group; MobileNet V2's depthwise convs move with
+    the expansion conv before them; the classifier keeps its order."""
+    from conftest import zoo_model_with_trained_statistics
+
+    model = zoo_model_with_trained_statistics(name)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+    orders, skipped = rearrange_filters(model, layers, x[:1])
+    coupled = [n for n, why in skipped.items() if why.startswith("rearranged with")]
+    assert len(orders) >= len(layers) // 2 and coupled  # residual partners rearranged as one
+    assert sum(not torch.equal(o, torch.arange(len(o))) for o in orders.values()) >= len(orders) // 2
+    with torch.no_grad():
+        assert float((model(x) - reference).abs().max()) <= 1e-4 * float(reference.abs().max())

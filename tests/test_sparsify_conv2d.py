@@ -44,6 +44,18 @@ def prune_conv_blocks(conv: nn.Conv2d, block: int, sparsity: float) -> None:
         conv.weight.mul_(mask.reshape_as(conv.weight))
 
 
+def called(mod) -> list[str]:
+    """Op names in main, and for each call_tir its kernel's name (without a numeric suffix)."""
+    ops = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            ops.append(e.args[0].name_hint.rstrip("0123456789") if e.op.name == "relax.call_tir" else e.op.name)
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return ops
+
+
 @pytest.fixture(scope="module")
 def convnet_onnx(tmp_path_factory):
     torch.manual_seed(0)
@@ -70,11 +82,9 @@ def test_conv_decisions_and_structure(convnet_onnx):
     assert table["pw.weight"].block_sparsity == pytest.approx(0.9, abs=0.01)
     assert table["dw.weight"].kind == "dense" and table["dw.weight"].reason == "depthwise conv (groups=32); left dense"
     assert table["odd.weight"].reason == "[10, 32] does not divide into 4x1 blocks; left dense"
-    ops = []
-    relax.analysis.post_order_visit(new["main"].body, lambda e: ops.append(e.op.name)
-                                    if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
-    assert ops.count("relax.nn.conv2d") == 2 and ops.count("relax.call_tir") == 4
-    assert ops.count("relax.nn.pad") == 3  # the three padded convs; the 1x1 needs none at this width
+    ops = called(new)
+    assert ops.count("relax.nn.conv2d") == 2 and ops.count("bsr_conv2d") == 4
+    assert ops.count("pad_flat") == 3  # the three padded convs; the 1x1 needs none at this width
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -108,10 +118,7 @@ def test_rows_wider_than_a_vector_and_not_a_multiple_of_it(convnet_onnx):
                                rtol=1e-4, atol=1e-5)
     mod = import_onnx(convnet_onnx, {"input": [1, 3, 15, 37]})
     new, _ = sparsify_module(mod, convnet_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.5))
-    ops = []
-    relax.analysis.post_order_visit(new["main"].body, lambda e: ops.append(e.op.name)
-                                    if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
-    assert ops.count("relax.nn.pad") == 3  # only the spatially padded convs
+    assert called(new).count("pad_flat") == 3  # only the spatially padded convs
 
 
 def test_conv_kernels_are_tunable_and_right_with_every_tiling(convnet_onnx, tmp_path):
@@ -179,13 +186,7 @@ def test_relu6_and_other_clamps_fuse_into_the_kernels(tmp_path):
     reasons = {d.name if d.op == "conv2d" else "fc": d.reason.split("; ", 1)[1] for d in decisions}
     assert reasons == {"expand.weight": "bias fused; clip[0, 6] fused", "project.weight": "bias fused; clip[0, 6] fused",
                        "fc": "bias fused; clip[-0.5, 0.5] fused", "tail.weight": "bias fused"}
-    ops = []  # op names, and the callee of each call_tir
-
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            ops.append(e.args[0].name_hint.rstrip("0123456789") if e.op.name == "relax.call_tir" else e.op.name)
-
-    relax.analysis.post_order_visit(new["main"].body, visit)
+    ops = called(new)
     assert ops.count("bsr_conv2d") == 3 and ops.count("bsr_matmul") == 1
     # ONNX's Clip arrives as TE maximum and minimum kernels: none is left, nor the ReLU
     assert not {"maximum", "minimum", "relax.nn.relu"} & set(ops)

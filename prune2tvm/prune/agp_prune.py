@@ -70,8 +70,10 @@ def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: 
     if prune.does_rearrange:
         from prune2tvm.prune.rearrange import rearrange_filters
 
-        orders, not_rearranged = rearrange_filters(model, list(layers))
-        skipped.update({n: f"pruned in its own order: {why}" for n, why in not_rearranged.items()})
+        example = torch.from_numpy(data.train.x[:1])
+        orders, not_rearranged = rearrange_filters(model, list(layers), example)
+        skipped.update({n: why if why.startswith("rearranged with") else f"pruned in its own order: {why}"
+                        for n, why in not_rearranged.items()})
     holder = MaskHolder(layers)
     if targets is not None:
         targets = {n: targets.get(n, 0.0) for n in layers}
@@ -100,7 +102,8 @@ def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: 
                            desc=f"fine-tune {name}", before_epoch=before_epoch,
                            before_step=holder.mask_gradients, after_step=lambda: holder.apply(optimizer))
     model.eval()
-    plan = PruningPlan.from_model(model, holder.masks, granularity, prune.method, orders)
+    plan = PruningPlan.from_model(model, holder.masks, granularity, prune.method, orders,
+                                  input_shape=list(data.input_shape))
     return PruneResult(name, model, final_sparsity, layer_sparsity(model, list(layers)), history, applied, plan,
                        skipped)
 

@@ -132,16 +132,10 @@ def _zero_outputs(module: nn.Module, idxs: list[int]) -> None:
 
 
 def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The conv / linear layers whose output channels are the model's output."""
-    from prune2tvm.prune.rearrange import OUTPUT_LAYER, trace_chains
+    from prune2tvm.prune.rearrange import output_layers
 
-    _, refused = trace_chains(model)
     modules = dict(model.named_modules())
-    outputs = [modules[n] for n, why in refused.items() if why == OUTPUT_LAYER]
-    if not outputs:  # not traceable: the last conv / linear layer
-        layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        outputs = layers[-1:]
-    return outputs
+    return [modules[n] for n in output_layers(model)]
 
 
 def filter_prune(dense: nn.Module, data, prune, train, final_sparsity: float, seed: int, name: str):

@@ -34,6 +34,7 @@ KINDS = ("element", "block", "filter", "channel")
 class Granularity:
     kind: str = "element"
     block: tuple[int, int] = (1, 1)  # (R, C), for kind "block"
+    pad: bool = False  # blocks: a matrix that does not divide is padded (edge blocks are partial), not skipped
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -50,10 +51,11 @@ class Granularity:
             return None
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             return f"grouped conv (groups={layer.groups})"
-        if self.kind == "block":
+        if self.kind == "block" and not self.pad:
             n, k = layer.weight.shape[0], layer.weight[0].numel()
             if n % self.block[0] or k % self.block[1]:
-                return f"[{n}, {k}] does not divide into {self.block[0]}x{self.block[1]} blocks"
+                return (f"[{n}, {k}] does not divide into {self.block[0]}x{self.block[1]} blocks "
+                        "(prune.indivisible: pad prunes it with partial edge blocks)")
         return None
 
     def scores(self, weight: torch.Tensor) -> torch.Tensor:
@@ -66,12 +68,24 @@ class Granularity:
         if self.kind == "channel":
             return w.transpose(0, 1).reshape(w.shape[1], -1).sum(1)
         rows, cols = self.block
-        matrix = w.reshape(w.shape[0], -1)
+        matrix = self._padded(w.reshape(w.shape[0], -1))
         n, k = matrix.shape
-        return matrix.reshape(n // rows, rows, k // cols, cols).sum((1, 3))
+        sums = matrix.reshape(n // rows, rows, k // cols, cols).sum((1, 3))
+        if self.pad:  # a partial edge block ranks by its weights' mean, as a whole block would
+            real = self._padded(torch.ones_like(w.reshape(w.shape[0], -1))).reshape(n // rows, rows, k // cols, cols)
+            sums = sums * (rows * cols) / real.sum((1, 3))
+        return sums
 
-    def unit_size(self, weight: torch.Tensor) -> int:
-        return weight.numel() // self.scores(weight).numel()
+    def _padded(self, matrix: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.block
+        n, k = matrix.shape
+        if not self.pad or (n % rows == 0 and k % cols == 0):
+            return matrix
+        return torch.nn.functional.pad(matrix, (0, -k % cols, 0, -n % rows))
+
+    def unit_size(self, weight: torch.Tensor) -> float:
+        """Weights per unit (on average, when edge blocks are partial)."""
+        return weight.numel() / self.scores(weight).numel()
 
     def expand(self, unit_mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """A mask over the units as a 0/1 mask of ``weight``'s shape."""
@@ -83,7 +97,8 @@ class Granularity:
             return unit_mask.reshape(1, -1, *([1] * (weight.dim() - 2))).expand_as(weight).clone()
         rows, cols = self.block
         full = unit_mask.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
-        return full.reshape_as(weight)
+        n, k = weight.shape[0], weight[0].numel()
+        return full[:n, :k].reshape_as(weight).contiguous()
 
 
 def layer_masks(layers: dict[str, nn.Module], granularity: Granularity, sparsity: float,

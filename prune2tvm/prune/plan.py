@@ -39,6 +39,7 @@ class LayerPlan:
     removed: int
     mask: str  # the unit mask (1 = kept), row-major, np.packbits, base64
     order: list[int] | None = None  # output channels after rearrangement (new i = old order[i])
+    padded: bool = False  # blocks over a matrix padded to a multiple of the block (partial edge blocks)
 
     def unit_mask(self, grid: tuple[int, ...]) -> torch.Tensor:
         bits = np.unpackbits(np.frombuffer(base64.b64decode(self.mask), dtype=np.uint8))[:self.units]
@@ -55,7 +56,8 @@ class PruningPlan:
 
     @classmethod
     def from_model(cls, model: nn.Module, masks: dict[str, torch.Tensor], granularity: Granularity,
-                   method: str, orders: dict[str, torch.Tensor] | None = None) -> PruningPlan:
+                   method: str, orders: dict[str, torch.Tensor] | None = None,
+                   input_shape: list[int] | None = None) -> PruningPlan:
         """The plan of ``model``'s current masks (weight-shaped 0/1, as ``MaskHolder`` keeps them)."""
         modules = dict(model.named_modules())
         layers = []
@@ -66,8 +68,13 @@ class PruningPlan:
             order = (orders or {}).get(name)
             layers.append(LayerPlan(name, list(weight.shape), granularity.kind, list(granularity.block), units.numel(),
                                     int((~units).sum()), base64.b64encode(np.packbits(units.numpy())).decode(),
-                                    None if order is None else [int(i) for i in order]))
-        return cls(method, layers)
+                                    None if order is None else [int(i) for i in order], granularity.pad))
+        if orders and input_shape is None:
+            raise ValueError("a plan with rearranged layers needs the model's input_shape")
+        missing = sorted(set(orders or {}) - set(masks))
+        if missing:
+            raise ValueError(f"rearranged layers without a mask: {', '.join(missing)}")
+        return cls(method, layers, input_shape=None if input_shape is None else list(input_shape))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -113,7 +120,7 @@ class PruningPlan:
             if list(module.weight.shape) != layer.shape:
                 problems.append(f"{layer.name} is {list(module.weight.shape)}, the plan's {layer.shape}")
                 continue
-            granularity = Granularity(layer.granularity, tuple(layer.block))
+            granularity = Granularity(layer.granularity, tuple(layer.block), bool(layer.padded))
             why = granularity.unfit(module)
             grid = tuple(granularity.scores(module.weight).shape) if why is None else None
             if grid is None or int(np.prod(grid)) != layer.units:
@@ -132,7 +139,6 @@ class PruningPlan:
     @torch.no_grad()
     def apply(self, model: nn.Module, where: str = "plan") -> dict[str, torch.Tensor]:
         """Thin, rearrange and mask ``model`` as the plan says; returns the masks (for a MaskHolder)."""
-        from prune2tvm.prune.rearrange import permute_chain, trace_chains
 
         if self.thinned:
             from prune2tvm.errors import ConfigError
@@ -146,13 +152,19 @@ class PruningPlan:
         masks = self.masks_for(model, where)
         ordered = [layer for layer in self.layers if layer.order is not None]
         if ordered:
-            chains, refused = trace_chains(model)
-            missing = [f"{layer.name} ({refused.get(layer.name, refused.get('*', 'not traced'))})"
-                       for layer in ordered if layer.name not in chains]
-            if missing:
-                raise InputError(f"{where}: cannot rearrange {', '.join(missing)} in this model")
+            import torch_pruning as tp
+
+            from prune2tvm.prune.rearrange import apply_order
+
+            if not self.input_shape:
+                raise InputError(f"{where}: rearranged layers but no input_shape to trace the model with")
+            with torch.enable_grad():
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *self.input_shape))
             for layer in ordered:
-                permute_chain(model, chains[layer.name], torch.tensor(layer.order))
+                try:
+                    apply_order(model, graph, layer.name, torch.tensor(layer.order))
+                except (ValueError, RuntimeError, IndexError) as exc:
+                    raise InputError(f"{where}: cannot rearrange {layer.name} in this model: {exc}") from None
         modules = dict(model.named_modules())
         for name, mask in masks.items():
             modules[name].weight.mul_(mask)

@@ -12,10 +12,16 @@ the input channels of the layer that consumes them (a conv's weight columns, or 
 layer's columns behind a flatten, each channel's H x W block of them). The model computes
 the same function, and the pruned blocks are real contiguous 1xN blocks in the ONNX export.
 
-A layer is rearranged only when its output reaches exactly one conv or linear layer through
-ops that act on each channel alone (BatchNorm, activations, pooling, dropout, flatten). A
-layer whose output meets another's (a residual add, a concatenation) or is used twice is
-left in its order and reported: permuting it would need every coupled layer permuted alike.
+Layers coupled by a residual add share one order: Torch-Pruning's dependency graph gives the
+group of everything that reads or writes those channels (every producer of the added tensor,
+their BatchNorms, every consumer, depthwise convs in between, flattens), the group's
+producers are ranked together by their summed filter norms, and all members are permuted
+alike. Through a concatenation only the requested producer's part of the channels moves.
+The layer whose output channels are the model's outputs is never rearranged, nor a group
+holding a module prune2tvm cannot permute (normalisations other than BatchNorm, attention).
+
+``trace_chains`` (torch.fx) describes the simple case, a layer feeding exactly one conv or
+linear layer through per-channel ops; it also finds the output layers.
 """
 
 from __future__ import annotations
@@ -110,53 +116,106 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Chain | None,
         current = user
 
 
-def filter_order(weight: torch.Tensor) -> torch.Tensor:
-    """Output channels by descending L1 norm (stable): similar filters become neighbours."""
-    norms = weight.detach().abs().reshape(weight.shape[0], -1).sum(1)
-    return torch.argsort(norms, descending=True, stable=True)
+def output_layers(model: nn.Module) -> list[str]:
+    """The conv / linear layers whose output channels are the model's outputs (by torch.fx;
+    for a model fx cannot trace, the last conv / linear layer)."""
+    _, refused = trace_chains(model)
+    outputs = [n for n, why in refused.items() if why == OUTPUT_LAYER]
+    if not outputs:
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        outputs = layers[-1:]
+    return outputs
+
+
+_PERMUTABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _group(model: nn.Module, graph, name: str, order: list[int]):
+    """The dependency group of ``name``'s output channels, indices mapped from ``order``: a
+    list of (module name, "out" | "in", indices), or a string saying why it cannot be permuted."""
+    import torch_pruning as tp
+
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    layer = modules[name]
+    handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+    members = []
+    for dep, idxs in graph.get_pruning_group(layer, handler, idxs=list(order)):
+        module = dep.target.module
+        if id(module) not in names:  # an add, a concat, a flatten: no weights of its own
+            continue
+        if not isinstance(module, _PERMUTABLE):
+            return f"its channels reach {type(module).__name__} ({names[id(module)]}), which is not permuted here"
+        side = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
+        members.append((names[id(module)], side, [int(i) for i in idxs]))
+    return members
 
 
 @torch.no_grad()
-def permute_chain(model: nn.Module, chain: Chain, order: torch.Tensor) -> None:
-    """Put ``chain.producer``'s output channels in ``order``, and everything that reads them
-    alike, so the model computes the same function."""
+def _permute_group(model: nn.Module, members) -> None:
     modules = dict(model.named_modules())
-    producer = modules[chain.producer]
-    _take(producer, "weight", order, 0)
-    _take(producer, "bias", order, 0)
-    for name in chain.norms:
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            _take(modules[name], attr, order, 0)
-    consumer = modules[chain.consumer]
-    columns = consumer.weight.shape[1]
-    channels = order.numel()
-    if columns == channels:
-        _take(consumer, "weight", order, 1)
-    elif chain.flatten and columns % channels == 0:  # flatten(C, H, W): channel c is columns c*HW .. c*HW+HW-1
-        per = columns // channels
-        _take(consumer, "weight", (order[:, None] * per + torch.arange(per)[None, :]).reshape(-1), 1)
-    else:
-        raise ValueError(f"{chain.consumer} reads {columns} columns from {channels} channels of {chain.producer}")
-
-
-def _take(module: nn.Module, attr: str, order: torch.Tensor, dim: int) -> None:
-    tensor = getattr(module, attr, None)
-    if tensor is None:
-        return
-    tensor.copy_(tensor.index_select(dim, order))
-
-
-def rearrange_filters(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Order the output channels of the layers ``names`` by L1 norm, physically (see the
-    module's docstring). Returns each rearranged layer's order, and why others were not."""
-    chains, refused = trace_chains(model)
-    modules = dict(model.named_modules())
-    orders, skipped = {}, {}
-    for name in names:
-        if name not in chains:
-            skipped[name] = refused.get(name, refused.get("*", "not a conv or linear layer of the traced model"))
+    done = set()
+    for name, side, idxs in members:
+        module = modules[name]
+        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.out_channels == module.in_channels
+        dim = 0 if side == "out" or isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) or depthwise else 1
+        if (name, dim) in done:
             continue
-        order = filter_order(modules[name].weight)
-        permute_chain(model, chains[name], order)
+        done.add((name, dim))
+        index = torch.tensor(idxs)
+        tensors = ("weight", "bias", "running_mean", "running_var") if dim == 0 else ("weight",)
+        for attr in tensors:
+            tensor = getattr(module, attr, None)
+            if tensor is None:
+                continue
+            if dim == 1 and isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise ValueError(f"{name}: a grouped conv's input channels cannot be permuted")
+            # only the indexed part moves (through a concat, the other producers keep theirs)
+            tensor.index_copy_(dim, torch.tensor(sorted(idxs)), tensor.index_select(dim, index))
+
+
+def rearrange_filters(model: nn.Module, names: list[str], example: torch.Tensor
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Order the output channels of the layers ``names`` by L1 norm, physically, with every
+    layer coupled to them (see the module's docstring). Returns each rearranged layer's order
+    (layers that share a group with an earlier one are rearranged with it and not listed),
+    and why the others were not rearranged."""
+    import torch_pruning as tp
+
+    outputs = set(output_layers(model))
+    modules = dict(model.named_modules())
+    with torch.enable_grad():  # the dependency graph is traced through autograd
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    orders, skipped, done = {}, {}, set()
+    for name in names:
+        if name in done:
+            continue
+        layer = modules[name]
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            skipped[name] = f"grouped conv (groups={layer.groups})"
+            continue
+        members = _group(model, graph, name, list(range(layer.weight.shape[0])))
+        if isinstance(members, str):
+            skipped[name] = members
+            continue
+        producers = sorted({n for n, side, _ in members if side == "out" and isinstance(modules[n], (nn.Conv2d, nn.Linear))})
+        if outputs & set(producers):
+            skipped[name] = OUTPUT_LAYER if name in outputs else f"coupled with the output layer {sorted(outputs & set(producers))[0]}"
+            continue
+        norms = sum(modules[n].weight.detach().abs().reshape(modules[n].weight.shape[0], -1).sum(1) for n in producers)
+        order = torch.argsort(norms, descending=True, stable=True)
+        apply_order(model, graph, name, order)
         orders[name] = order
+        done.update(producers)
+        for other in producers:
+            if other != name and other in names:
+                skipped[other] = f"rearranged with {name} (coupled by a residual add)"
     return orders, skipped
+
+
+def apply_order(model: nn.Module, graph, name: str, order: torch.Tensor) -> None:
+    """Put ``name``'s output channels (and its whole dependency group's) in ``order``."""
+    members = _group(model, graph, name, [int(i) for i in order])
+    if isinstance(members, str):
+        raise ValueError(f"{name}: {members}")
+    _permute_group(model, members)

@@ -112,3 +112,37 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
                                 acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
 
     return bsr_conv2d
+
+
+def pad_flat_cpu(batch: int, channels: int, height: int, width: int, pads: tuple[int, int, int, int],
+                 dtype: str = "float32"):
+    """The conv kernel's input: ``x`` [N, C, H, W] zero-padded by (top, left, bottom, right)
+    and laid out flat [N, C * PH * PW], in one parallel pass (a copy per row, zeros around).
+
+    TVM's own nn.pad fused with that reshape is a per-element select with divisions, one
+    thread: 0.78 ms for MobileNet V2's 3x224x224 stem input here, about 40x this kernel."""
+    top, left, bottom, right = pads
+    N, C, H, W = batch, channels, height, width
+    PH, PW = H + top + bottom, W + left + right
+
+    # A root block, as TE-made functions have: Relax's RewriteDataflowReshape inspects every
+    # single-input call_tir for a reshape pattern and requires one (the tirx parser's
+    # well-formedness check does not know root blocks, hence check_well_formed=False).
+    @T.prim_func(private=True, check_well_formed=False)
+    def pad_flat(x: T.Buffer((N, C, H, W), dtype), out: T.Buffer((N, C * PH * PW), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            for nc in T.parallel(N * C):
+                for r in range(PH):
+                    if r < top or r >= top + H:
+                        for q in T.vectorized(PW):
+                            out[nc // C, (nc % C) * PH * PW + r * PW + q] = T.cast(0, dtype)
+                    else:
+                        for q in range(left):
+                            out[nc // C, (nc % C) * PH * PW + r * PW + q] = T.cast(0, dtype)
+                        for q in T.vectorized(W):
+                            out[nc // C, (nc % C) * PH * PW + r * PW + left + q] = x[nc // C, nc % C, r - top, q]
+                        for q in range(right):
+                            out[nc // C, (nc % C) * PH * PW + r * PW + left + W + q] = T.cast(0, dtype)
+
+    return pad_flat

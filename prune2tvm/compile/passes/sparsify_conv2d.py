@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets
+from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets, pad_flat_cpu
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
@@ -66,10 +66,12 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
                                (kh, kw), tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation),
                                block, bsr.nnzb)
-        padded = matches[x]
-        if top or bottom or left or right:
-            padded = relax.op.nn.pad(padded, [0, 0, 0, 0, top, bottom, left, right])
-        flat = relax.op.reshape(padded, [n, c * shape.padded[0] * shape.padded[1]])
+        flat_shape = [n, c * shape.padded[0] * shape.padded[1]]
+        if top or bottom or left or right:  # padded and flattened in one parallel pass
+            pad = builder.add_func(pad_flat_cpu(n, c, h, wd, (top, left, bottom, right)), "pad_flat")
+            flat = relax.call_tir(pad, [matches[x]], relax.TensorType(flat_shape, "float32"))
+        else:  # a view
+            flat = relax.op.reshape(matches[x], flat_shape)
         data, _, indptr = bsr.kernel_arrays()
         offsets = column_offsets(shape, bsr.indices)
         arrays = (data, indptr, offsets)
