@@ -239,7 +239,8 @@ class PruneConfig:
 
     The schedule counts epochs of fine-tuning: masks are recomputed at the start of epochs
     ``start_epoch, start_epoch + frequency, ..., end_epoch``, where the final sparsity is
-    reached; the remaining epochs fine-tune with the mask held.
+    reached; the remaining epochs fine-tune with the mask held. With ``unit: step`` the three
+    count optimizer steps instead (Zhu & Gupta prune every few hundred steps).
 
     ``granularity`` is what one decision removes (element, block of ``block`` = [R, C],
     filter, channel), ranked per layer or over all layers (``scope``). Method ``1xN`` is AGP
@@ -260,6 +261,7 @@ class PruneConfig:
     sensitivity: Optional[SensitivityConfig] = None  # per-layer targets from a sensitivity analysis
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8])
     initial_sparsity: float = 0.0
+    unit: Literal["epoch", "step"] = "epoch"  # what start_epoch, end_epoch and frequency count
     start_epoch: int = 0
     end_epoch: int = 6
     frequency: int = 1
@@ -321,7 +323,7 @@ class PruneConfig:
             raise ConfigError(
                 f"{where}frequency: {self.frequency} does not divide end_epoch - start_epoch "
                 f"({self.end_epoch - self.start_epoch}); valid: a divisor of it")
-        if self.fine_tune_epochs <= self.end_epoch:
+        if self.unit == "epoch" and self.fine_tune_epochs <= self.end_epoch:
             raise ConfigError(f"{where}fine_tune_epochs: {self.fine_tune_epochs} must exceed end_epoch ({self.end_epoch})")
         if self.lr is not None:
             _positive(f"{where}lr", self.lr)

@@ -85,3 +85,37 @@ def test_pruned_weights_stay_exactly_zero_through_many_steps(make_opt):
 def test_layer_selection_names_the_valid_layers():
     with pytest.raises(ConfigError, match="prune.layers: fc9 matches no conv or linear layer; valid names: 0, 3"):
         prunable_layers(_model(), ["fc9"])
+
+
+def test_agp_in_optimizer_steps_prunes_mid_epoch_on_schedule():
+    """prune.unit: step: masks recomputed every `frequency` optimizer steps; the final
+    sparsity holds from step `end_epoch` on, inside the first epoch here."""
+    from prune2tvm.config import PruneConfig, TrainConfig
+    from prune2tvm.data import load_dataset
+    from prune2tvm.errors import ConfigError
+    from prune2tvm.models import build_model
+    from prune2tvm.prune import agp_prune as module
+
+    data = load_dataset("digits", [0.6, 0.2, 0.2], 0)
+    torch.manual_seed(0)
+    dense = build_model("mlp", data.input_shape, data.num_classes)
+    train = TrainConfig(epochs=1, batch_size=64, lr=0.003)  # 1078 samples: 17 steps an epoch
+    prune = PruneConfig(unit="step", sparsities=[0.8], start_epoch=0, end_epoch=12, frequency=4, fine_tune_epochs=2)
+    seen = []
+    original = MaskHolder.set_sparsity
+
+    def spy(self, sparsity, *args, **kwargs):
+        seen.append(round(sparsity, 4))
+        return original(self, sparsity, *args, **kwargs)
+
+    MaskHolder.set_sparsity = spy
+    try:
+        result = module.agp_prune(dense, data, prune, train, 0.8, 0, "step")
+    finally:
+        MaskHolder.set_sparsity = original
+    schedule = AGPSchedule(0.0, 0.8, 0, 12, 4)
+    assert seen == [round(schedule.sparsity(t), 4) for t in (0, 4, 8, 12)]  # steps 0, 4, 8 and 12
+    assert result.sparsity == pytest.approx(0.8, abs=1e-3) and result.schedule == [0.0, 0.8]
+    with pytest.raises(ConfigError, match="step 40 is beyond the 34 steps"):
+        module.agp_prune(dense, data, PruneConfig(unit="step", sparsities=[0.8], end_epoch=40, frequency=4,
+                                                  fine_tune_epochs=2), train, 0.8, 0, "x")

@@ -86,21 +86,41 @@ def agp_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: 
 
         sensitivities = sensitivities_for(layers, targets)
     optimizer = make_optimizer(model, train, lr=prune.lr)
-    applied: list[float] = []
+    applied: list[float] = []  # the sparsity in force at the start of each epoch
+    steps = {"done": 0}  # optimizer steps so far (the schedule's clock with prune.unit: step)
+    if prune.unit == "step":
+        total = prune.fine_tune_epochs * -(-len(data.train) // train.batch_size)
+        if prune.end_epoch > total:
+            from prune2tvm.errors import ConfigError
 
-    def before_epoch(epoch: int) -> None:
-        if schedule.is_pruning_step(epoch):
+            raise ConfigError(f"prune.end_epoch: step {prune.end_epoch} is beyond the {total} steps of "
+                              f"{prune.fine_tune_epochs} fine-tuning epochs; valid: <= {total}")
+
+    def prune_at(t: int) -> None:
+        if schedule.is_pruning_step(t):
             if targets is None:
-                holder.set_sparsity(schedule.sparsity(epoch), granularity, prune.scope)
+                holder.set_sparsity(schedule.sparsity(t), granularity, prune.scope)
             else:
-                fraction = schedule.sparsity(epoch) / final_sparsity if final_sparsity else 0.0
+                fraction = schedule.sparsity(t) / final_sparsity if final_sparsity else 0.0
                 holder.set_masks(_per_layer_masks(layers, granularity, targets, fraction, sensitivities))
             holder.apply(optimizer)
-        applied.append(schedule.sparsity(epoch))
+
+    def before_epoch(epoch: int) -> None:
+        if prune.unit == "epoch":
+            prune_at(epoch)
+            applied.append(schedule.sparsity(epoch))
+        else:
+            applied.append(schedule.sparsity(steps["done"] - 1) if steps["done"] else 0.0)
+
+    def before_step() -> None:  # after the backward pass: masks set here shape this step's update
+        if prune.unit == "step":
+            prune_at(steps["done"])
+            steps["done"] += 1
+        holder.mask_gradients()
 
     history = train_epochs(model, data.train, data.val, train, prune.fine_tune_epochs, seed, optimizer,
                            desc=f"fine-tune {name}", before_epoch=before_epoch,
-                           before_step=holder.mask_gradients, after_step=lambda: holder.apply(optimizer))
+                           before_step=before_step, after_step=lambda: holder.apply(optimizer))
     model.eval()
     plan = PruningPlan.from_model(model, holder.masks, granularity, prune.method, orders,
                                   input_shape=list(data.input_shape))
