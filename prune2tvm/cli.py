@@ -150,12 +150,11 @@ def sensitivity(pipeline: str, levels: str, output: str, force: bool) -> None:
     each level (the pipeline's granularity) and record validation accuracy. Use the CSV in a
     pipeline with prune.sensitivity: {file: .../sensitivity.csv, tolerances: [0.01]}."""
     from prune2tvm.config import load_pipeline
-    from prune2tvm.data import load_dataset
     from prune2tvm.fsutil import staged_dir
-    from prune2tvm.models import build_model
+    from prune2tvm.pipeline import train_dense
     from prune2tvm.prune.agp_prune import pruning_layers
     from prune2tvm.prune.sensitivity import layer_targets, plot, sweep, write_csv
-    from prune2tvm.train import accuracy, make_optimizer, predict_torch, seed_everything, train_epochs
+    from prune2tvm.train import accuracy, predict_torch
 
     try:
         values = [float(v) for v in levels.split(",")]
@@ -165,12 +164,7 @@ def sensitivity(pipeline: str, levels: str, output: str, force: bool) -> None:
         raise InputError(f"--levels {levels!r}: each level must be in (0, 1), e.g. 0.2,0.5,0.8")
     cfg = load_pipeline(pipeline)
     with staged_dir(output, force=force, what="sensitivity results") as stage:
-        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path, cfg.data.image_size)
-        seed_everything(cfg.seed)
-        model = build_model(cfg.model.name, data.input_shape, data.num_classes)
-        train_epochs(model, data.train, data.val, cfg.train, cfg.train.epochs, cfg.seed,
-                     make_optimizer(model, cfg.train), desc="train dense")
-        model.eval()
+        data, model, _ = train_dense(cfg)
         granularity = cfg.prune.granularity_spec()
         layers, skipped = pruning_layers(model, cfg.prune, granularity)
         for name, why in skipped.items():

@@ -92,16 +92,11 @@ def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> 
     return out_dir
 
 
-def train_and_prune(cfg: PipelineConfig):
-    """Data, the dense model, and every pruned variant: the stages that train. Under torchrun
-    every process runs these (DistributedDataParallel keeps them identical); only rank 0 goes
-    on to export, compile, measure and report."""
+def train_dense(cfg: PipelineConfig):
+    """The pipeline's data and its dense model (from model.checkpoint if given, then trained
+    for train.epochs), in eval mode; also what ``prune2tvm sensitivity`` analyses."""
     from prune2tvm.data import load_dataset
     from prune2tvm.models import build_model
-    from prune2tvm.prune.agp_prune import PruneResult, agp_prune
-    from prune2tvm.prune.filters import filter_prune
-    from prune2tvm.prune.gsm import gsm_prune
-    from prune2tvm.prune.masks import layer_sparsity
     from prune2tvm.train import make_optimizer, seed_everything, train_epochs
 
     with phase("data", f"{cfg.data.dataset}, split {cfg.data.split}, seed {cfg.seed}"):
@@ -121,6 +116,20 @@ def train_and_prune(cfg: PipelineConfig):
         if history:
             say(f"  loss {history[-1].loss:.4f}, val accuracy {history[-1].val_accuracy:.4f}")
         dense.eval()
+    return data, dense, history
+
+
+def train_and_prune(cfg: PipelineConfig):
+    """Data, the dense model, and every pruned variant: the stages that train. Under torchrun
+    every process runs these (DistributedDataParallel keeps them identical); only rank 0 goes
+    on to export, compile, measure and report."""
+    from prune2tvm.prune.agp_prune import PruneResult, agp_prune
+    from prune2tvm.prune.filters import filter_prune
+    from prune2tvm.prune.gsm import gsm_prune
+    from prune2tvm.prune.masks import layer_sparsity
+    from prune2tvm.train import seed_everything
+
+    data, dense, history = train_dense(cfg)
     variants = [PruneResult("dense", dense, 0.0, layer_sparsity(dense, cfg.prune.layers), history)]
 
     for final in cfg.prune.sparsities:

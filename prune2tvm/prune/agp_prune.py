@@ -47,11 +47,10 @@ def pruning_layers(model: nn.Module, prune: PruneConfig, granularity: Granularit
     candidates = prunable_layers(model, prune.layers)
     skipped = {name: why for name, layer in candidates.items() if (why := granularity.unfit(layer))}
     if granularity.kind == "filter":
-        from prune2tvm.prune.rearrange import OUTPUT_LAYER, trace_chains
+        from prune2tvm.prune.rearrange import output_layers
 
-        _, refused = trace_chains(model)
-        for name, why in refused.items():
-            if why == OUTPUT_LAYER and name in candidates:
+        for name in output_layers(model):
+            if name in candidates:
                 skipped[name] = "its filters are the model's outputs"
     layers = {n: m for n, m in candidates.items() if n not in skipped}
     return layers, skipped

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from prune2tvm.errors import ConfigError
+from prune2tvm.prune.rearrange import output_layers
 
 CRITERIA = ("l1", "l2", "bn_scale", "fpgm")
 
@@ -67,7 +68,8 @@ def thin_filters(model: nn.Module, example: torch.Tensor, sparsity: float, crite
     model = copy.deepcopy(model).eval()
     masked = copy.deepcopy(model)
     names = {id(m): n for n, m in model.named_modules()}
-    ignored = _output_layers(model, example) if keep_outputs else []
+    modules = dict(model.named_modules())
+    ignored = [modules[n] for n in output_layers(model)] if keep_outputs else []
     macs_before, params_before = tp.utils.count_ops_and_params(model, example)
     pruner = tp.pruner.MetaPruner(model, example, importance=_importance(criterion), pruning_ratio=sparsity,
                                   global_pruning=scope == "global", ignored_layers=ignored)
@@ -129,13 +131,6 @@ def _zero_outputs(module: nn.Module, idxs: list[int]) -> None:
         tensor = getattr(module, attr, None)
         if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
             tensor[idxs] = 0
-
-
-def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    from prune2tvm.prune.rearrange import output_layers
-
-    modules = dict(model.named_modules())
-    return [modules[n] for n in output_layers(model)]
 
 
 def filter_prune(dense: nn.Module, data, prune, train, final_sparsity: float, seed: int, name: str):
