@@ -9,7 +9,7 @@ MODEL  ?=
 TRIALS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test tune bench clean distclean
+.PHONY: install cross demo test tune bench clean distclean
 
 install: $(STAMP)
 
@@ -20,6 +20,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+# The aarch64 cross compiler (Debian's gcc-aarch64-linux-gnu), for --target aarch64 and its test.
+cross:
+	@command -v aarch64-linux-gnu-gcc >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null || \
+			{ apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null; }; \
+		else echo "install Debian's gcc-aarch64-linux-gnu (as root: apt-get install gcc-aarch64-linux-gnu)"; exit 2; fi; }
+	@aarch64-linux-gnu-gcc --version | head -1
 
 demo: install
 	$(CLI) run pipelines/digits.yaml --force

@@ -222,15 +222,17 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 @click.option("--db", "db_dir", type=click.Path(file_okay=False),
               help="Tuning database to apply (default: the target's database in the cache, if there is one).")
 @click.option("--no-db", is_flag=True, help="Build with TVM's default schedules even if a tuning database exists.")
+@click.option("--include-tuning", is_flag=True, help="Put the tuning records used into the artifact (tuning/).")
 @click.option("--fast-math", is_flag=True,
               help="Use TVM's fast approximations of erf, exp, tanh and softmax (still checked against onnxruntime).")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None,
-             block_cols: int, threshold: str, db_dir: str | None, no_db: bool, fast_math: bool, output: str,
-             force: bool) -> None:
+             block_cols: int, threshold: str, db_dir: str | None, no_db: bool, include_tuning: bool, fast_math: bool,
+             output: str, force: bool) -> None:
     """Compile an ONNX model with TVM, rewriting block-sparse layers into BSR kernels (with
-    --bsr), check it against onnxruntime, and save it."""
+    --bsr), check it against onnxruntime, and write the deployment artifact (model.so and
+    manifest.json; 'prune2tvm package' bundles it)."""
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
@@ -243,7 +245,7 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     database = None if no_db else _open_database(tgt, db_dir, create=False)
     with staged_dir(output, force=force, what="a compiled model") as stage:
         compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, fast_math=fast_math)
-        compiled.save(stage)
+        compiled.save(stage, include_tuning=include_tuning)
     if compiled.info.layers:
         from prune2tvm.report.write import render_layer_table
 
@@ -435,9 +437,62 @@ def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int,
     for name, s in stats.items():
         click.echo(f"{name:12s} median {s.median:.4f} ms  p90 {s.p90:.4f} ms  ({s.samples} calls)")
     click.echo(f"speed-up (onnxruntime median / tvm median): {speedup:.2f}x")
+    figures = {name: {"median_ms": s.median, "p90_ms": s.p90, "samples": s.samples}
+               for name, s in stats.items()} | {"speedup": speedup}
+    from prune2tvm.artifact import record_measurements
+
+    record_measurements(directory, compiled.info.measured | {"bench": figures})  # the artifact carries its latency
     if json_path:
-        write_json(json_path, {name: {"median_ms": s.median, "p90_ms": s.p90, "samples": s.samples}
-                               for name, s in stats.items()} | {"speedup": speedup})
+        write_json(json_path, figures)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False),
+              help="The ONNX model the artifact was compiled from (its sha256 is checked).")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False),
+              help="Real inputs too: .npz keyed by input name, or .npy for a one-input model.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
+@click.option("--rtol", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--atol", default=1e-5, show_default=True, type=click.FloatRange(min=0))
+def verify(artifact: str, onnx_path: str, inputs_path: str | None, seed: int, rtol: float, atol: float) -> None:
+    """Run an artifact (directory or .tar.gz) and onnxruntime on the same random and real
+    inputs; report the max abs and relative difference; exit 2 when it is over tolerance.
+    A directory's manifest records the result (packaging needs it)."""
+    from prune2tvm.artifact import verify_artifact
+    from prune2tvm.errors import NumericalMismatchError
+    from prune2tvm.runtime import read_inputs
+
+    _require_file(onnx_path, "ONNX model")
+    real = None
+    if inputs_path:
+        from prune2tvm.onnxrt import session
+
+        specs = [{"name": i.name} for i in session(onnx_path).get_inputs()]
+        real = read_inputs(inputs_path, specs)
+    checks = verify_artifact(artifact, onnx_path, real, seed, rtol, atol)
+    for c in checks:
+        click.echo(f"{c.inputs:6s} inputs, output {c.output}: max abs diff {c.max_abs_diff:.3g}, "
+                   f"max rel diff {c.max_rel_diff:.3g} (tolerance {c.tolerance:.3g}) {'ok' if c.ok else 'FAILED'}")
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise NumericalMismatchError(f"{artifact} disagrees with onnxruntime on {bad[0].inputs} inputs, output "
+                                     f"{bad[0].output!r}: max abs diff {bad[0].max_abs_diff:.3g} > {bad[0].tolerance:.3g}")
+    click.echo(f"{artifact} agrees with onnxruntime")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="NAME.tar.gz to write.")
+@click.option("--force", is_flag=True, help="Replace an existing file; package an unverified artifact.")
+def package(directory: str, output: str, force: bool) -> None:
+    """Bundle an artifact directory as NAME.tar.gz, after checking every file against its
+    manifest; refuses an artifact not verified against onnxruntime unless --force."""
+    from prune2tvm.artifact import package as make_package
+
+    path = make_package(directory, output, force)
+    click.echo(f"wrote {path} ({path.stat().st_size} bytes); run it with: python -m prune2tvm.runtime {path} "
+               f"--inputs IN.npz --outputs OUT.npz")
 
 
 @cli.command()

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from prune2tvm.errors import ConfigError
+from prune2tvm.runtime import host_arch
+from prune2tvm.runtime import host_cpu_flags as host_cpu_features
 
 PIPELINE_FORMAT_VERSION = 1
 TARGET_FORMAT_VERSION = 1
@@ -485,24 +487,6 @@ class TargetConfig:
 
     def to_dict(self) -> dict:
         return to_dict(self)
-
-
-def host_arch() -> str:
-    import platform
-
-    machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
-def host_cpu_features() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def load_target(name_or_path: str | os.PathLike) -> TargetConfig:

@@ -7,7 +7,8 @@ import shutil
 import subprocess
 from importlib import metadata
 
-from prune2tvm.config import host_arch, host_cpu_features
+from prune2tvm.runtime import host_arch
+from prune2tvm.runtime import host_cpu_flags as host_cpu_features
 
 _DISTRIBUTIONS = [("prune2tvm", "prune2tvm"), ("torch", "torch"), ("tvm", "apache-tvm"),
                   ("tvm-ffi", "apache-tvm-ffi"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),

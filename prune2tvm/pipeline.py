@@ -28,6 +28,8 @@ from prune2tvm.fsutil import ensure_writable_dir, staged_dir
 from prune2tvm.progress import phase, say
 
 CHECK_BATCH = 64  # real samples used to check export and compile numerics
+TEST_SPLIT_X = "data/test_x.npy"  # the test split, as the runtime takes it
+TEST_SPLIT_Y = "data/test_y.npy"
 
 
 @dataclass
@@ -159,6 +161,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     import onnxruntime
     import torch
 
+    from prune2tvm.artifact import record_measurements
     from prune2tvm.compile import compile_onnx
     from prune2tvm.export import export_onnx
     from prune2tvm.measure.accuracy import agreement, predict_batched
@@ -182,6 +185,9 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     check_x = x_test[:CHECK_BATCH]
     batch = cfg.measure.batch_size
     bench_x = np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])))
+    (stage / TEST_SPLIT_X).parent.mkdir(parents=True, exist_ok=True)
+    np.save(stage / TEST_SPLIT_X, x_test)  # what `python -m prune2tvm.runtime` reproduces the accuracy on
+    np.save(stage / TEST_SPLIT_Y, y_test)
     report_variants = []
     for result in variants:
         vdir = stage / "variants" / result.name
@@ -212,6 +218,11 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
                                         cfg.measure.warmup, cfg.measure.repeat, cfg.measure.rounds,
                                         desc=f"latency {result.name}")
             say("  " + ", ".join(f"{k} {s.median:.3f} ms (p90 {s.p90:.3f})" for k, s in stats.items()))
+        record_measurements(vdir / "tvm", {
+            "accuracy": acc["tvm"], "accuracy_on": f"{TEST_SPLIT_X} ({len(y_test)} samples, labels in {TEST_SPLIT_Y})",
+            "latency_ms": {"median": stats["tvm"].median, "p90": stats["tvm"].p90},
+            "onnxruntime_latency_ms": {"median": stats["onnxruntime"].median, "p90": stats["onnxruntime"].p90},
+            "batch_size": batch, "threads": threads, "target": target.name})
         report_variants.append(Variant(
             name=result.name,
             method="dense" if result.name == "dense" else cfg.prune.method,

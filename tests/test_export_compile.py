@@ -56,10 +56,11 @@ def test_compile_matches_onnxruntime_and_saved_build_runs_again(pruned_cnn_onnx,
     np.testing.assert_allclose(compiled.run({"input": x})[0], expected, rtol=1e-4, atol=1e-5)
 
     compiled.save(tmp_path / "build")
-    assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["compile.json", "model.so"]
+    assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["manifest.json", "model.so"]
     again = load_compiled(tmp_path / "build")
     np.testing.assert_allclose(again.run({"input": x})[0], expected, rtol=1e-4, atol=1e-5)
-    assert again.info.inputs[0].shape == [4, 1, 8, 8] and again.info.outputs == ["logits"]
+    assert again.info.inputs[0].shape == [4, 1, 8, 8]
+    assert [(o.name, o.shape, o.dtype) for o in again.info.outputs] == [("logits", [4, 10], "float32")]
 
     with pytest.raises(InputError, match=r"input 'input' is float32\[1, 1, 8, 8\]; the build takes float32\[4, 1, 8, 8\]"):
         again.run({"input": x[:1]})

@@ -73,6 +73,28 @@ def test_reported_accuracies_are_reproduced_by_the_saved_files(digits_run):
     assert float((tvm_pred == test.y).mean()) == variant["accuracy"]["tvm"]
 
 
+def test_each_variant_leaves_an_artifact_that_reproduces_its_accuracy_with_the_runtime(digits_run, tmp_path):
+    """`python -m prune2tvm.runtime` on the artifact and the saved test split (.npy), run as a
+    user would: the accuracy equals the report's TVM accuracy, and the manifest records it."""
+    import subprocess
+    import sys
+
+    out, report = digits_run
+    labels = np.load(out / "data" / "test_y.npy")
+    for variant in report["variants"]:
+        artifact = out / variant["files"]["tvm"]
+        result = subprocess.run([sys.executable, "-m", "prune2tvm.runtime", str(artifact), "--inputs",
+                                 str(out / "data" / "test_x.npy"), "--outputs", str(tmp_path / f"{variant['name']}.npz")],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        with np.load(tmp_path / f"{variant['name']}.npz") as logits:
+            accuracy = float((logits["logits"].argmax(1) == labels).mean())
+        assert accuracy == variant["accuracy"]["tvm"], variant["name"]
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        assert manifest["measured"]["accuracy"] == variant["accuracy"]["tvm"] and manifest["verified"]
+        assert manifest["measured"]["latency_ms"]["median"] == variant["latency_ms"]["tvm"]["median"]
+
+
 def test_existing_results_are_kept_without_force(digits_run):
     out, _ = digits_run
     before = (out / "report.json").read_bytes()

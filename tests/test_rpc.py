@@ -131,7 +131,7 @@ def test_tuning_measures_on_both_rpc_devices(fleet, model, tmp_path):
     # loaded machine some candidates may fail to build in time, so only "each ran some" holds
     loads = [(tmp / name).read_text().count("load_module") for name in ("server1.log", "server2.log")]
     assert all(n >= 1 for n in loads), loads
-    assert (tmp_path / "tuned" / "compile.json").exists()
+    assert (tmp_path / "tuned" / "manifest.json").exists()
     # the records are usable: a second run does no new trials
     result = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "--rpc-tracker", f"127.0.0.1:{port}",
                      "--rpc-key", KEY, "-o", tmp_path / "tuned", "--force")

@@ -51,7 +51,7 @@ def test_tuning_fills_a_database_and_builds_a_verified_model(tuned):
         assert best == pytest.approx(float(untuned) * 1e-6, abs=0.06e-6)  # the table rounds to 0.1 us
     meta = json.loads((tmp / "db" / "meta.json").read_text())
     assert meta["tvm_version"] == "0.27.0.post1" and meta["target"]["kind"] == "llvm"
-    info = json.loads((tmp / "tuned" / "compile.json").read_text())
+    info = json.loads((tmp / "tuned" / "manifest.json").read_text())
     assert info["verified"] and info["tuning_database"] == str(tmp / "db")
 
 
@@ -68,7 +68,7 @@ def test_compile_applies_a_database_and_refuses_a_foreign_one(tuned, tmp_path):
     tmp, model, _ = tuned
     result = run_cli("compile", model, "--db", tmp / "db", "-o", tmp_path / "build")
     assert result.exit_code == 0, result.output
-    info = json.loads((tmp_path / "build" / "compile.json").read_text())
+    info = json.loads((tmp_path / "build" / "manifest.json").read_text())
     assert info["verified"] and info["tuning_database"] == str(tmp / "db")
 
     foreign = tmp_path / "foreign"
@@ -144,7 +144,7 @@ def test_a_killed_run_resumes_and_a_time_limit_stops_tuning(tmp_path):
     assert "time limit of 1 s reached after 8 trials: stopping" in result.output
     assert 1 <= int(row.split("|")[4]) <= 8  # one round, not the 64 asked for
     assert len((db / "records.json").read_text().strip().splitlines()) > kept
-    assert json.loads((tmp_path / "tuned" / "compile.json").read_text())["verified"]
+    assert json.loads((tmp_path / "tuned" / "manifest.json").read_text())["verified"]
 
 
 def test_bsr_kernels_are_searched_keyed_by_their_block_pattern(tmp_path):
@@ -167,7 +167,7 @@ def test_bsr_kernels_are_searched_keyed_by_their_block_pattern(tmp_path):
     records = json.loads((tmp_path / "db" / "bsr.json").read_text())
     (key, record), = records.items()
     assert record["best_us"] == min(record["candidates"].values())
-    assert json.loads((tmp_path / "tuned" / "compile.json").read_text())["verified"]
+    assert json.loads((tmp_path / "tuned" / "manifest.json").read_text())["verified"]
 
     result = run_cli(*args, "--force")  # nothing new to measure
     assert result.exit_code == 0 and "| matmul 1x64->96 4x1" in result.output and "0 new trials" in result.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,8 +30,11 @@ from prune2tvm.fsutil import atomic_path, sha256_file, write_json
 from prune2tvm.onnxrt import compare, session
 from prune2tvm.progress import phase, say
 
-from prune2tvm.runtime import INFO_NAME, LIBRARY_NAME, read_build_info, without_native_noise
-COMPILE_FORMAT_VERSION = 1
+from prune2tvm.runtime import (ARTIFACT_FORMAT, ARTIFACT_VERSION, CPU_FEATURES, LIBRARY_NAME, MANIFEST_NAME,
+                               check_files, configure_threads, read_manifest, without_native_noise)
+
+configure_threads()  # before any kernel runs in this process, and inherited by tuning workers
+TUNING_DIR = "tuning"  # the tuning records a build used, when packed into its artifact
 
 
 @dataclass
@@ -38,6 +42,7 @@ class InputSpec:
     name: str
     shape: list[int]
     dtype: str = "float32"
+    batch_axis: int | None = None  # 0 when the ONNX model leaves dimension 0 free (a batch)
 
 
 @dataclass
@@ -70,13 +75,19 @@ class SparsifyOptions:
 
 @dataclass
 class CompileInfo:
+    """A build's ``manifest.json``: what the runtime checks before it runs the build, and the
+    claims the artifact carries (decisions, verification, measurements, checksums)."""
+
     target: dict  # the TargetConfig as loaded
     tvm_target: dict  # what went to tvm.target.Target, auto values resolved
     inputs: list[InputSpec]
-    outputs: list[str]
+    outputs: list[InputSpec]
     onnx_sha256: str
+    machine: dict = field(default_factory=dict)  # kind, arch, cpu_features, cuda_arch: checked by the runtime
+    source_model: str = ""  # the ONNX file's name
     tvm_version: str = tvm.__version__
     prune2tvm_version: str = prune2tvm.__version__
+    versions: dict = field(default_factory=dict)  # onnx, onnxruntime (the reference it was checked against)
     checks: list[Check] = field(default_factory=list)
     verified: bool = False
     not_verified_reason: str = ""
@@ -85,7 +96,12 @@ class CompileInfo:
     tuning_database: str | None = None  # the meta_schedule database applied, if any
     fast_math: bool = False  # erf/exp/tanh/softmax replaced by TVM's fast approximations
     layers: list[dict] = field(default_factory=list)  # one LayerDecision per weight layer
-    format_version: int = COMPILE_FORMAT_VERSION
+    measured: dict = field(default_factory=dict)  # accuracy and latency of this build, when a run measured them
+    library: str = LIBRARY_NAME
+    files: dict = field(default_factory=dict)  # every file of the artifact but the manifest -> sha256
+    created: str = ""
+    format: str = ARTIFACT_FORMAT
+    format_version: int = ARTIFACT_VERSION
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -94,8 +110,53 @@ class CompileInfo:
     def from_json(cls, data: dict) -> "CompileInfo":
         data = dict(data)
         data["inputs"] = [InputSpec(**i) for i in data["inputs"]]
+        data["outputs"] = [InputSpec(**o) for o in data["outputs"]]
         data["checks"] = [Check(**c) for c in data.get("checks", [])]
         return cls(**data)
+
+
+def machine_requirements(target: TargetConfig) -> dict:
+    """What a machine needs to run this target's code: the runtime refuses it otherwise.
+    CPU features are those the target's mcpu / mattr enable, as /proc/cpuinfo names them."""
+    if target.kind == "cuda":
+        from prune2tvm.runtime import host_arch
+
+        triple = str((target.host or {}).get("mtriple", ""))
+        return {"kind": "cuda", "arch": triple.split("-")[0] if triple else host_arch(),
+                "cuda_arch": str(target.tvm.get("arch", "")), "cpu_features": []}
+    from tvm.target import codegen
+
+    t = tvm_target(target)
+    features = sorted(flag for llvm, flag in CPU_FEATURES.items() if codegen.llvm_cpu_has_features(llvm, t))
+    return {"kind": target.kind, "arch": target.arch, "cpu_features": features}
+
+
+def reference_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def output_specs(mod, names: list[str], inputs: list[InputSpec]) -> list[InputSpec]:
+    """Each output's name, static shape and dtype, from the built function's return type."""
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    specs = []
+    for name, ty in zip(names, fields):
+        shape = [int(d) for d in ty.shape.values] if getattr(ty, "shape", None) is not None else []
+        specs.append(InputSpec(name, shape, str(ty.dtype)))
+    batches = {s.shape[0] if s.batch_axis == 0 else None for s in inputs}
+    if len(batches) == 1 and None not in batches:  # every input is batched: so is an output of that batch
+        batch = batches.pop()
+        for spec in specs:
+            spec.batch_axis = 0 if spec.shape[:1] == [batch] else None
+    return specs
 
 
 class CompiledModel:
@@ -116,8 +177,7 @@ class CompiledModel:
             ok, why = self.target.runs_here()
             if not ok:
                 raise UnsupportedError(f"cannot run a {self.target.name} build here: {why}")
-            if self.target.threads:
-                os.environ.setdefault("TVM_NUM_THREADS", str(self.target.threads))
+            configure_threads(self.target.threads)
             self._vm = relax.VirtualMachine(self._module, device(self.target))
         return self._vm
 
@@ -143,7 +203,11 @@ class CompiledModel:
 
         return call
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, include_tuning: bool = False) -> Path:
+        """Write the artifact: the library, with ``include_tuning`` the tuning records it was
+        built with (under ``tuning/``), then ``manifest.json`` with every file's sha256, last."""
+        import datetime
+
         directory = Path(directory)
         with atomic_path(directory / LIBRARY_NAME) as tmp:
             library = tmp.with_suffix(".so")
@@ -151,7 +215,14 @@ class CompiledModel:
             with without_native_noise():
                 self._module.export_library(str(library), **({"fcompile": fcompile} if fcompile else {}))
             os.replace(library, tmp)
-        write_json(directory / INFO_NAME, self.info.to_json())
+        if include_tuning and self.info.tuning_database:
+            for record in sorted(Path(self.info.tuning_database).glob("*.json")):
+                (directory / TUNING_DIR).mkdir(exist_ok=True)
+                shutil.copyfile(record, directory / TUNING_DIR / record.name)
+        self.info.files = {p.relative_to(directory).as_posix(): sha256_file(p)
+                           for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+        self.info.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_json(directory / MANIFEST_NAME, self.info.to_json())
         return directory
 
 
@@ -193,7 +264,7 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
         if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
             raise InputError(f"{onnx_path}: input {name!r} has shape {dims} in the model; cannot build it for "
                              f"{list(shape)} (only dynamic dimensions can be set)")
-        inputs.append(InputSpec(name, [int(d) for d in shape]))
+        inputs.append(InputSpec(name, [int(d) for d in shape], batch_axis=0 if dims and dims[0] is None else None))
 
     with phase("import", f"{Path(onnx_path).name} with {', '.join(f'{s.name}{s.shape}' for s in inputs)}"):
         mod = import_onnx(onnx_path, {s.name: s.shape for s in inputs})
@@ -236,8 +307,10 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
         except Exception as exc:  # TVM raises its own error types from C++
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise BuildError(f"TVM cannot build {Path(onnx_path).name} for {target.name}: {last}") from None
-    info = CompileInfo(target=target.to_dict(), tvm_target=target_dict, inputs=specs, outputs=outputs,
-                       onnx_sha256=sha256_file(onnx_path), layers=layers,
+    info = CompileInfo(target=target.to_dict(), tvm_target=target_dict, inputs=specs,
+                       outputs=output_specs(mod, outputs, specs), onnx_sha256=sha256_file(onnx_path),
+                       machine=machine_requirements(target), source_model=Path(onnx_path).name,
+                       versions=reference_versions(), layers=layers,
                        sparsify=None if sparsify is None else asdict(sparsify),
                        tuning_database=None if database is None else str(database.path), fast_math=fast_math)
     if target.kind == "cuda":
@@ -390,7 +463,7 @@ def verify_against_onnxruntime(compiled: CompiledModel, onnx_path: str | os.Path
         for kind, feeds in cases:
             expected = reference.run(None, feeds)
             actual = compiled.run(feeds)
-            for name, a, e in zip(info.outputs, actual, expected):
+            for name, a, e in zip([o.name for o in info.outputs], actual, expected):
                 diff, tolerance, good = compare(a, e, rtol, atol)
                 info.checks.append(Check(kind, diff, tolerance))
                 if not good:
@@ -401,19 +474,24 @@ def verify_against_onnxruntime(compiled: CompiledModel, onnx_path: str | os.Path
 
 
 def load_compiled(directory: str | os.PathLike, target: TargetConfig | None = None) -> CompiledModel:
+    """A saved artifact, its files checked against the manifest, loaded to run here."""
     from prune2tvm.config import TargetConfig as _Target, from_dict
 
-    data, library = read_build_info(directory)
+    data = read_manifest(directory)
+    check_files(directory, data)
     try:
         info = CompileInfo.from_json(data)
     except (TypeError, KeyError) as exc:
-        raise InputError(f"{directory}/{INFO_NAME}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{directory}/{MANIFEST_NAME}: unreadable ({type(exc).__name__}: {exc})") from None
+    if info.tvm_version != tvm.__version__:
+        raise UnsupportedError(f"{directory} was built with TVM {info.tvm_version}; this is TVM {tvm.__version__}")
     if target is None:
         saved = {k: v for k, v in info.target.items() if k != "path"}
-        target = from_dict(_Target, saved, f"{directory}/{INFO_NAME}: target.")
+        target = from_dict(_Target, saved, f"{directory}/{MANIFEST_NAME}: target.")
     ok, why = target.runs_here()
     if not ok:
         raise UnsupportedError(f"cannot run {directory} here: {why}")
+    library = Path(directory) / info.library
     with without_native_noise():
         module = tvm.runtime.load_module(str(library))
     return CompiledModel(module, target, info)

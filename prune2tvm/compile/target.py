@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 
 import tvm
 
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import UnsupportedError
+from prune2tvm.runtime import physical_cores
 
 
 def host_cpu_name() -> str:
@@ -27,12 +27,6 @@ def resolved_target_dict(target: TargetConfig) -> dict:
     return spec
 
 
-def physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
 def tvm_target(target: TargetConfig) -> "tvm.target.Target":
     spec = resolved_target_dict(target)
     if target.host is not None:
@@ -48,7 +42,7 @@ def export_compiler(target: TargetConfig):
         package = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}.get(target.cross_compiler, "its cross toolchain")
         raise UnsupportedError(f"target {target.name} needs the cross compiler {target.cross_compiler}, which is not "
                                f"installed; install Debian's {package}")
-    from tvm.contrib import cc
+    from tvm.support import cc
 
     return cc.cross_compiler(target.cross_compiler)
 

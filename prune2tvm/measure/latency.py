@@ -1,12 +1,19 @@
 """Latency of several callables measured side by side in one process.
 
 The machines are shared and noisy, so backends are measured in alternating rounds (A, B,
-A, B, ...) rather than one after the other: a slow spell hits both. Each round starts with
-a few unrecorded calls so one backend's idle threads do not bleed into the next one's.
+A, B, ...) rather than one after the other: a slow spell hits both.
+
+Each round starts with unrecorded calls of the backend about to be timed, for at least
+``settle_ms``. Both TVM's and onnxruntime's thread pools keep spinning after their last call
+(measured here: TVM about 70 ms, onnxruntime about 35 ms); on a 2-core machine the spinning
+threads of the backend just timed take a core from the next one (TVM's 2-thread BSR GEMM
+then ran at its 1-thread speed). Sleeping instead of settling was measured worse: an idle
+VM's cores come back slow.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -34,7 +41,7 @@ class LatencyStats:
 
 
 def measure_interleaved(calls: dict[str, Callable[[], None]], warmup: int, repeat: int,
-                        rounds: int, desc: str = "latency") -> dict[str, LatencyStats]:
+                        rounds: int, desc: str = "latency", settle_ms: float = 100.0) -> dict[str, LatencyStats]:
     """Warm each call up, then time ``repeat`` calls of each, split over ``rounds`` rounds."""
     for fn in calls.values():
         for _ in range(warmup):
@@ -44,7 +51,10 @@ def measure_interleaved(calls: dict[str, Callable[[], None]], warmup: int, repea
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for count in bar(per_round, desc=desc, total=rounds, unit="round"):
         for name, fn in calls.items():
-            for _ in range(settle):
+            start = time.perf_counter()
+            for done in itertools.count():
+                if done >= settle and (not settle or (time.perf_counter() - start) * 1e3 >= settle_ms):
+                    break
                 fn()
             for _ in range(count):
                 start = time.perf_counter()

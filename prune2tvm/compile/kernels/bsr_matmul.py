@@ -48,13 +48,22 @@ NO_EPILOGUE = Epilogue()
 STACK_FLOATS = 255
 
 
+MAX_ACCUMULATORS = 16  # vector accumulators in flight (of 32 AVX-512 registers)
+
+
 def accumulator_tiling(rows: int, vectors: int, lanes: int) -> tuple[int, int]:
-    """(RC, U): R is handled in chunks of RC rows, each with U vectors of ``lanes`` per row,
-    so that RC*U*lanes floats stay on the stack; at most 16 accumulators (of 32 AVX-512
-    registers), and as many as possible to hide FMA latency."""
-    budget = min(16, STACK_FLOATS // lanes)
-    chunk = max(d for d in range(1, rows + 1) if rows % d == 0 and d <= budget)
-    return chunk, max(1, min(vectors, budget // chunk))
+    """(RC, U): R is handled in chunks of RC rows, each with U vectors of ``lanes`` per row.
+    RC*U accumulators stay in registers (at most ``MAX_ACCUMULATORS``, as many as possible to
+    hide FMA latency); U divides ``vectors`` when it can, so no task works on padding."""
+    chunk = max(d for d in range(1, rows + 1) if rows % d == 0 and d <= min(MAX_ACCUMULATORS, STACK_FLOATS // lanes))
+    most = max(1, min(vectors, MAX_ACCUMULATORS // chunk, most_panels(chunk, lanes)))
+    dividing = [u for u in range(1, most + 1) if vectors % u == 0]
+    return chunk, max(dividing) if dividing[-1] * 2 > most else most
+
+
+def most_panels(chunk: int, lanes: int) -> int:
+    """Two accumulator buffers, each under TVM's stack limit."""
+    return 2 * max(1, STACK_FLOATS // (chunk * lanes))
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,8 @@ def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
     if shape.rows <= GEMV_MAX_ROWS:
         return [{"accumulators": a} for a in (4, 1, 2, 8)]
     rc, default = accumulator_tiling(shape.block[0], (shape.rows + lanes - 1) // lanes, lanes)
-    most = min((shape.rows + lanes - 1) // lanes, STACK_FLOATS // (rc * lanes))
-    return [{"panels": default}] + [{"panels": u} for u in (1, 2, 3, 4, 6, 8, 12) if u <= most and u != default]
+    most = min((shape.rows + lanes - 1) // lanes, most_panels(rc, lanes), 28 // rc)
+    return [{"panels": default}] + [{"panels": u} for u in (1, 2, 3, 4, 6, 8) if u <= most and u != default]
 
 
 def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
@@ -133,13 +142,18 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
 def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | None = None):
     """Each task takes one block row and U panels of V rows; the block's R outputs are done
     RC at a time, with RC*U vector accumulators in flight (each nonzero weight broadcast once
-    per panel). The accumulators stay under TVM's stack-allocation limit."""
+    per panel). The accumulators are two buffers (panels [0, UA) and [UA, U)), each under
+    TVM's stack-allocation limit, so U can reach 4 with RC = 4 (measured 10-15 % faster at
+    128 rows than 3 panels in one buffer)."""
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     V = lanes
     P = (M + V - 1) // V  # panels of V rows
     RC, U = accumulator_tiling(R, P, V)
     U = panels or U
+    UA = (U + 1) // 2
+    UB = U - UA
+    UB1 = max(UB, 1)
     PT = (P + U - 1) // U  # panel tiles
     PP = PT * U  # panels, padded to a whole number of tiles
     LO, HI = epilogue.low, epilogue.high
@@ -156,27 +170,44 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
                     (pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K], T.cast(0, dtype))
         for it in T.parallel(NB * PT):
             for rc in range(R // RC):
-                acc = T.alloc_buffer((U, RC, V), dtype)
-                for u in T.unroll(U):
+                acc = T.alloc_buffer((UA, RC, V), dtype)
+                acc2 = T.alloc_buffer((UB1, RC, V), dtype)
+                for u in T.unroll(UA):
                     for r in T.unroll(RC):
                         for v in T.vectorized(V):
                             acc[u, r, v] = T.cast(0, dtype)
+                for u in T.unroll(UB):
+                    for r in T.unroll(RC):
+                        for v in T.vectorized(V):
+                            acc2[u, r, v] = T.cast(0, dtype)
                 for b in range(indptr[it % NB], indptr[it % NB + 1]):
                     for c in T.unroll(C):
-                        for u in T.unroll(U):
+                        for u in T.unroll(UA):
                             for r in T.unroll(RC):
                                 for v in T.vectorized(V):
                                     acc[u, r, v] = acc[u, r, v] + data[b, rc * RC + r, c] * \
                                         panels[(it // NB) * U + u, indices[b] * C + c, v]
+                        for u in T.unroll(UB):
+                            for r in T.unroll(RC):
+                                for v in T.vectorized(V):
+                                    acc2[u, r, v] = acc2[u, r, v] + data[b, rc * RC + r, c] * \
+                                        panels[(it // NB) * U + UA + u, indices[b] * C + c, v]
                 # Unrolled, so the accumulators never leave registers (a loop here makes LLVM
                 # keep them in memory too, zeroed by a memset per task that cost more than the
                 # work at high sparsity).
-                for u in T.unroll(U):
+                for u in T.unroll(UA):
                     for v in T.unroll(V):
                         if ((it // NB) * U + u) * V + v < M:
                             for r in T.vectorized(RC):
                                 out[((it // NB) * U + u) * V + v, (it % NB) * R + rc * RC + r] = T.min(T.max(
                                     acc[u, r, v] + bias[(it % NB) * R + rc * RC + r], T.cast(LO, dtype)),
+                                    T.cast(HI, dtype))
+                for u in T.unroll(UB):
+                    for v in T.unroll(V):
+                        if ((it // NB) * U + UA + u) * V + v < M:
+                            for r in T.vectorized(RC):
+                                out[((it // NB) * U + UA + u) * V + v, (it % NB) * R + rc * RC + r] = T.min(T.max(
+                                    acc2[u, r, v] + bias[(it % NB) * R + rc * RC + r], T.cast(LO, dtype)),
                                     T.cast(HI, dtype))
 
     return bsr_gemm
