@@ -80,11 +80,13 @@ def test_conv_decisions_and_structure(convnet_onnx):
                                            "odd.weight"]
     assert [table[n].kind for n in ("stem.weight", "down.weight", "dilated.weight", "pw.weight")] == ["bsr"] * 4
     assert table["pw.weight"].block_sparsity == pytest.approx(0.9, abs=0.01)
-    assert table["dw.weight"].kind == "dense" and table["dw.weight"].reason == "depthwise conv (groups=32); left dense"
+    assert table["dw.weight"].kind == "dense" and table["dw.weight"].reason == \
+        "depthwise conv (groups=32): dense, prune2tvm's depthwise kernel; bias fused; relu fused"
     assert table["odd.weight"].reason == "[10, 32] does not divide into 4x1 blocks; left dense"
     ops = called(new)
-    assert ops.count("relax.nn.conv2d") == 2 and ops.count("bsr_conv2d") == 4
-    assert ops.count("pad_flat") == 3  # the three padded convs; the 1x1 needs none at this width
+    assert ops.count("relax.nn.conv2d") == 1 and ops.count("bsr_conv2d") == 4  # "odd" stays TVM's conv
+    assert ops.count("depthwise_conv2d") == 1
+    assert ops.count("pad_flat") == 4  # the three padded BSR convs and the depthwise one; 1x1 needs none
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -118,7 +120,7 @@ def test_rows_wider_than_a_vector_and_not_a_multiple_of_it(convnet_onnx):
                                rtol=1e-4, atol=1e-5)
     mod = import_onnx(convnet_onnx, {"input": [1, 3, 15, 37]})
     new, _ = sparsify_module(mod, convnet_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.5))
-    assert called(new).count("pad_flat") == 3  # only the spatially padded convs
+    assert called(new).count("pad_flat") == 4  # only the spatially padded convs (the depthwise one too)
 
 
 def test_conv_kernels_are_tunable_and_right_with_every_tiling(convnet_onnx, tmp_path):

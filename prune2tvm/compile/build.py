@@ -350,6 +350,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner."""
     from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
     from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu, conv_search_space
+    from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu
     from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
                                                       search_space)
     from prune2tvm.compile.passes.decisions import in_graph_order
@@ -392,7 +393,11 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
                 [shape.batch, shape.out_channels, *shape.out], shape.out_channels))
             return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
 
-        mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels)
+        def depthwise_kernel(shape, epilogue):
+            return depthwise_conv2d_cpu(shape, lanes, epilogue)
+
+        mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
+                                              depthwise_kernel)
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels)
     return fuse_epilogues(mod, kernels), in_graph_order(conv_decisions + dense_decisions)
 

@@ -3,8 +3,9 @@
 The weight is viewed as a matrix [O, C*KH*KW] and cut into R x C blocks (R output channels,
 the N of 1xN). The input is zero-padded by the conv's padding (if any) and flattened per
 image; the kernel gets, instead of block column indices, each stored column's offset into
-that padded image. Grouped and depthwise convs stay dense; the bias add and ReLU that follow
-are folded into the kernel afterwards (``fuse_epilogue``).
+that padded image. Grouped and depthwise convs stay dense; given a ``depthwise`` factory,
+depthwise convs (one filter per channel) become prune2tvm's dense depthwise kernel. The bias
+add and ReLU that follow are folded into the kernels afterwards (``fuse_epilogue``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 
 from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets, pad_flat_cpu
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
+from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, rewrite_functions, selected,
@@ -25,11 +27,13 @@ from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, Laye
 
 # Makes the kernel for one conv: (shape, epilogue, data, indptr, column offsets) -> PrimFunc
 ConvKernelFactory = Callable[[BsrConv2dShape, Epilogue, np.ndarray, np.ndarray, np.ndarray], tvm.tirx.PrimFunc]
+DepthwiseKernelFactory = Callable[[DepthwiseShape, Epilogue], tvm.tirx.PrimFunc]
 
 
 def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: ConvKernelFactory,
                     names: LayerNamer | None = None, select: Selector | None = None,
-                    kernels: KernelRegistry | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                    kernels: KernelRegistry | None = None,
+                    depthwise: DepthwiseKernelFactory | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per conv2d, in graph order. Each kernel
     emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
     x, weight, other = wildcard(), is_const(), wildcard()
@@ -53,6 +57,8 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         why_dense = _unsupported(attrs, x_shape, w, matches[x])
         if why_dense:
             decision.reason = why_dense
+            if depthwise is not None and why_dense.startswith("depthwise") and w.shape[1] == 1:
+                return _depthwise(call, matches[x], x_shape, w, decision)
             return call
         bsr = decide_bsr(decision, matrix, block, threshold)
         strides, padding, dilation = ([int(v) for v in a] for a in (attrs.strides, attrs.padding, attrs.dilation))
@@ -82,18 +88,43 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr), const(np.zeros(o, np.float32))],
                               relax.TensorType(out_shape, "float32"))
 
+    def _depthwise(call: relax.Call, data: relax.Expr, x_shape: list[int], w: np.ndarray,
+                   decision: LayerDecision) -> relax.Expr:
+        """A depthwise conv as prune2tvm's (dense) depthwise kernel, its input padded and
+        flattened like the BSR convs'."""
+        attrs = call.attrs
+        n, c, h, wd = x_shape
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        out_shape = [int(d) for d in call.ty.shape]
+        shape = DepthwiseShape(n, c, (h + top + bottom, wd + left + right), (out_shape[2], out_shape[3]),
+                               (w.shape[2], w.shape[3]), tuple(int(v) for v in attrs.strides),
+                               tuple(int(v) for v in attrs.dilation))
+        flat_shape = [n, c * shape.padded[0] * shape.padded[1]]
+        if top or bottom or left or right:
+            pad = builder.add_func(pad_flat_cpu(n, c, h, wd, (top, left, bottom, right)), "pad_flat")
+            flat = relax.call_tir(pad, [data], relax.TensorType(flat_shape, "float32"))
+        else:
+            flat = relax.op.reshape(data, flat_shape)
+        gvar = builder.add_func(depthwise(shape, NO_EPILOGUE), "depthwise_conv2d")
+        if kernels is not None:
+            kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape: depthwise(shape, e), 1, decision)
+        decision.reason = f"depthwise conv (groups={c}): dense, prune2tvm's depthwise kernel"
+        return relax.call_tir(gvar, [flat, const(np.ascontiguousarray(w.reshape(c, -1))), const(np.zeros(c, np.float32))],
+                              relax.TensorType(out_shape, "float32"))
+
     return rewrite_functions(mod, builder, pattern, rewrite), in_graph_order(log.decisions())
 
 
 def _unsupported(attrs, x_shape, w: np.ndarray, x: relax.Expr) -> str:
-    """Why this conv stays dense, or "" when the BSR kernel can take it."""
-    if int(attrs.groups) != 1:
-        kind = "depthwise" if int(attrs.groups) == w.shape[0] else "grouped"
-        return f"{kind} conv (groups={int(attrs.groups)}); left dense"
+    """Why this conv stays dense, or "" when the BSR kernel can take it. Grouping is checked
+    last: a depthwise conv that passes everything else can take the depthwise kernel."""
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
         return f"layout {attrs.data_layout}/{attrs.kernel_layout}; the BSR kernel takes NCHW/OIHW"
     if x_shape is None or len(x_shape) != 4:
         return "input shape is not static"
     if x.ty.dtype != "float32" or w.dtype != np.float32 or attrs.out_dtype not in (None, "", "float32"):
         return f"dtype {x.ty.dtype} (BSR kernels are float32)"
+    if int(attrs.groups) != 1:
+        kind = "depthwise" if int(attrs.groups) == w.shape[0] else "grouped"
+        return f"{kind} conv (groups={int(attrs.groups)}); left dense"
     return ""

@@ -1,0 +1,80 @@
+"""prune2tvm's dense depthwise conv kernel: against numpy on the shapes that break naive
+kernels (rows narrower than a vector, not a multiple of one, strides, dilation, padding on
+one side), and in a model with its bias add and ReLU6 fused."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+from prune2tvm.compile import compile_onnx
+from prune2tvm.compile.build import SparsifyOptions
+from prune2tvm.compile.kernels.bsr_conv2d import pad_flat_cpu
+from prune2tvm.compile.kernels.bsr_matmul import Epilogue
+from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, depthwise_conv2d_cpu, depthwise_reference
+from prune2tvm.config import load_target
+from prune2tvm.export import export_onnx
+from prune2tvm.onnxrt import session
+
+
+def run_kernel(func, *arrays, out_shape):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), "llvm").jit()
+    out = tvm.runtime.empty(out_shape, "float32")
+    lib["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays), out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("n, c, h, w, k, stride, pads, dilation", [
+    (1, 8, 15, 37, 3, 1, (1, 1, 1, 1), 1),   # 37 wide: vectors at 0, 16 and 21 (the last overlaps)
+    (2, 4, 9, 20, 3, 2, (1, 1, 1, 1), 1),    # stride 2, batch 2
+    (1, 3, 7, 7, 5, 1, (2, 2, 2, 2), 1),     # 5x5 on 7x7: a row narrower than a vector
+    (1, 4, 12, 12, 3, 1, (2, 2, 2, 2), 2),   # dilation 2
+    (1, 2, 6, 5, 3, 2, (0, 0, 1, 1), 1),     # padding on one side only (as TF-style "same")
+    (1, 2, 17, 3, 3, 1, (0, 0, 0, 0), 1),    # no padding, one output column
+])
+def test_depthwise_kernel_matches_numpy(n, c, h, w, k, stride, pads, dilation):
+    rng = np.random.default_rng(h * w + k)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    top, left, bottom, right = pads
+    expected = depthwise_reference(x, weight, bias, (stride, stride), pads, (dilation, dilation))
+    padded = (h + top + bottom, w + left + right)
+    flat = run_kernel(pad_flat_cpu(n, c, h, w, pads), x, out_shape=(n, c * padded[0] * padded[1]))
+    shape = DepthwiseShape(n, c, padded, expected.shape[2:], (k, k), (stride, stride), (dilation, dilation))
+    for epilogue, reference in ((Epilogue(), expected), (Epilogue(0.0, 6.0), np.clip(expected, 0, 6))):
+        got = run_kernel(depthwise_conv2d_cpu(shape, 16, epilogue), flat, weight.reshape(c, -1), bias,
+                         out_shape=expected.shape)
+        np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet V2's block: expand 1x1, depthwise 3x3 (stride 2), ReLU6s, project 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU6())
+        self.project = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        return self.project(self.dw(self.expand(x)))
+
+
+def test_depthwise_convs_take_the_kernel_with_bias_and_relu6_fused(tmp_path):
+    torch.manual_seed(0)
+    model = InvertedResidual().eval()
+    for bn in (model.expand[1], model.dw[1]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = np.random.default_rng(0).standard_normal((1, 8, 19, 23)).astype(np.float32)
+    onnx_model = export_onnx(model, (8, 19, 23), tmp_path / "block.onnx", 17, x)
+    compiled = compile_onnx(onnx_model.path, load_target("x86"), {"input": [1, 8, 19, 23]},
+                            sparsify=SparsifyOptions((4, 1), 0.5))
+    assert compiled.info.verified
+    dw = [d for d in compiled.info.layers if d["weight_shape"] == [32, 1, 3, 3]]
+    assert len(dw) == 1 and dw[0]["kind"] == "dense"
+    assert dw[0]["reason"] == "depthwise conv (groups=32): dense, prune2tvm's depthwise kernel; bias fused; clip[0, 6] fused"
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(onnx_model.path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)
