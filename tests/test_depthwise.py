@@ -10,7 +10,6 @@ from torch import nn
 
 from prune2tvm.compile import compile_onnx
 from prune2tvm.compile.build import SparsifyOptions
-from prune2tvm.compile.kernels.bsr_conv2d import pad_flat_cpu
 from prune2tvm.compile.kernels.bsr_matmul import Epilogue
 from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, depthwise_conv2d_cpu, depthwise_reference
 from prune2tvm.config import load_target
@@ -32,19 +31,18 @@ def run_kernel(func, *arrays, out_shape):
     (1, 4, 12, 12, 3, 1, (2, 2, 2, 2), 2),   # dilation 2
     (1, 2, 6, 5, 3, 2, (0, 0, 1, 1), 1),     # padding on one side only (as TF-style "same")
     (1, 2, 17, 3, 3, 1, (0, 0, 0, 0), 1),    # no padding, one output column
+    (1, 2, 4, 2, 3, 1, (1, 1, 1, 1), 1),     # 2 wide: no interior column, all border
+    (1, 3, 112, 112, 3, 2, (0, 0, 1, 1), 1),  # MobileNet's stride-2 shape, as TF pads it
 ])
 def test_depthwise_kernel_matches_numpy(n, c, h, w, k, stride, pads, dilation):
     rng = np.random.default_rng(h * w + k)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     weight = rng.standard_normal((c, 1, k, k)).astype(np.float32)
     bias = rng.standard_normal(c).astype(np.float32)
-    top, left, bottom, right = pads
     expected = depthwise_reference(x, weight, bias, (stride, stride), pads, (dilation, dilation))
-    padded = (h + top + bottom, w + left + right)
-    flat = run_kernel(pad_flat_cpu(n, c, h, w, pads), x, out_shape=(n, c * padded[0] * padded[1]))
-    shape = DepthwiseShape(n, c, padded, expected.shape[2:], (k, k), (stride, stride), (dilation, dilation))
+    shape = DepthwiseShape(n, c, (h, w), pads, expected.shape[2:], (k, k), (stride, stride), (dilation, dilation))
     for epilogue, reference in ((Epilogue(), expected), (Epilogue(0.0, 6.0), np.clip(expected, 0, 6))):
-        got = run_kernel(depthwise_conv2d_cpu(shape, 16, epilogue), flat, weight.reshape(c, -1), bias,
+        got = run_kernel(depthwise_conv2d_cpu(shape, 16, epilogue), x, weight.reshape(c, -1), bias,
                          out_shape=expected.shape)
         np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
 

@@ -2,9 +2,11 @@
 on a model with 3x3, strided, dilated, 1x1 and depthwise convs and a residual add."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import tvm
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from tvm import relax
 
@@ -86,7 +88,8 @@ def test_conv_decisions_and_structure(convnet_onnx):
     ops = called(new)
     assert ops.count("relax.nn.conv2d") == 1 and ops.count("bsr_conv2d") == 4  # "odd" stays TVM's conv
     assert ops.count("depthwise_conv2d") == 1
-    assert ops.count("pad_flat") == 4  # the three padded BSR convs and the depthwise one; 1x1 needs none
+    assert ops.count("pad_flat") == 2  # the padded stride-1 BSR convs; 1x1 needs none, depthwise pads as it reads
+    assert ops.count("pad_phases") == 1  # the stride-2 conv reads its input split into stride phases
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -120,7 +123,7 @@ def test_rows_wider_than_a_vector_and_not_a_multiple_of_it(convnet_onnx):
                                rtol=1e-4, atol=1e-5)
     mod = import_onnx(convnet_onnx, {"input": [1, 3, 15, 37]})
     new, _ = sparsify_module(mod, convnet_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.5))
-    assert called(new).count("pad_flat") == 4  # only the spatially padded convs (the depthwise one too)
+    assert called(new).count("pad_flat") + called(new).count("pad_phases") == 3  # only the padded or strided convs
 
 
 def test_conv_kernels_are_tunable_and_right_with_every_tiling(convnet_onnx, tmp_path):
@@ -198,3 +201,33 @@ def test_relu6_and_other_clamps_fuse_into_the_kernels(tmp_path):
     x = np.random.default_rng(3).standard_normal((1, 8, 5, 6)).astype(np.float32) * 4
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("c, o, k, stride, pads, dilation, size", [
+    (3, 8, 7, 2, (3, 3, 3, 3), 1, (23, 29)),   # a ResNet stem, odd sizes
+    (16, 32, 1, 2, (0, 0, 0, 0), 1, (14, 14)),  # a projection shortcut: one phase, flattened pixels
+    (8, 8, 3, 2, (1, 1, 1, 1), 2, (17, 19)),   # dilation 2 with stride 2: even taps only
+    (4, 8, 3, 3, (1, 1, 1, 1), 1, (20, 22)),   # stride 3
+    (4, 8, 3, 2, (0, 0, 1, 1), 1, (16, 16)),   # padding on one side only
+])
+def test_strided_convs_read_stride_phases_and_match_onnxruntime(tmp_path, c, o, k, stride, pads, dilation, size):
+    rng = np.random.default_rng(k * 10 + stride)
+    keep = rng.random((o // 4, c * k * k)) >= 0.5
+    w = rng.standard_normal((o, c * k * k)).astype(np.float32) * np.repeat(keep, 4, 0)
+    out = [(n + pads[i] + pads[i + 2] - dilation * (k - 1) - 1) // stride + 1 for i, n in enumerate(size)]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["output"], pads=list(pads), kernel_shape=[k, k],
+                          strides=[stride, stride], dilations=[dilation, dilation])], "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, *size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, o, *out])],
+        [numpy_helper.from_array(w.reshape(o, c, k, k), "w")])
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), path)
+    compiled = compile_onnx(path, load_target("x86"), {"input": [1, c, *size]}, sparsify=SparsifyOptions((4, 1), 0.3))
+    assert compiled.info.verified and compiled.info.layers[0]["kind"] == "bsr"
+    x = rng.standard_normal((1, c, *size)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-4)
+    mod = import_onnx(path, {"input": [1, c, *size]})
+    new, _ = sparsify_module(mod, path, load_target("x86"), SparsifyOptions((4, 1), 0.3))
+    assert called(new).count("pad_phases") == 1 and "pad_flat" not in called(new)

@@ -161,3 +161,72 @@ def pad_flat_cpu(batch: int, channels: int, height: int, width: int, pads: tuple
                             out[nc // C, (nc % C) * PH * PW + r * PW + left + W + q] = T.cast(0, dtype)
 
     return pad_flat
+
+
+@dataclass(frozen=True)
+class PhaseLayout:
+    """A strided conv's input, zero-padded and split into its stride phases: plane (c, py, px)
+    holds padded[c, py::SH, px::SW]. Tap (kh, kw) of output (oh, ow) is then element
+    (oh + kh*DH // SH, ow + kw*DW // SW) of phase ((kh*DH) % SH, (kw*DW) % SW): a stride-1
+    read, so the BSR kernel runs its stride-1 code, whole vectors, instead of gathering every
+    SW-th element (measured: ResNet-50's stride-2 convs). Only phases some tap reads are made."""
+
+    channels: int
+    size: tuple[int, int]  # input height and width
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def phases(self) -> tuple[int, int]:
+        """(rows, columns) of phases made: 0 .. the largest one a tap reads."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        return max(k * dh % sh for k in range(kh)) + 1, max(k * dw % sw for k in range(kw)) + 1
+
+    @property
+    def plane(self) -> tuple[int, int]:
+        (h, w), (top, left, bottom, right), (sh, sw) = self.size, self.pads, self.stride
+        return -(-(h + top + bottom) // sh), -(-(w + left + right) // sw)
+
+    @property
+    def planes(self) -> int:
+        return self.channels * self.phases[0] * self.phases[1]
+
+    def offsets(self, indices, cb: int):
+        """Each stored column's offset (as ``column_offsets``, for this layout)."""
+        import numpy as np
+
+        (kh_size, kw_size), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        (npy, npx), (ph, pw) = self.phases, self.plane
+        q = (np.asarray(indices, dtype=np.int64)[:, None] * cb + np.arange(cb)[None, :]).reshape(-1)
+        c, kh, kw = q // (kh_size * kw_size), q // kw_size % kh_size, q % kw_size
+        plane = (c * npy + kh * dh % sh) * npx + kw * dw % sw
+        offsets = plane * ph * pw + (kh * dh // sh) * pw + kw * dw // sw
+        return (offsets if offsets.size else np.zeros(cb, np.int64)).astype(np.int32)
+
+
+def pad_phases_cpu(batch: int, layout: PhaseLayout, dtype: str = "float32"):
+    """``x`` [N, C, H, W] -> [N, planes * PH * PW]: padded and split into stride phases, in
+    one parallel pass (a row of a phase plane per step)."""
+    N, C, (H, W) = batch, layout.channels, layout.size
+    TOP, LEFT = layout.pads[0], layout.pads[1]
+    (SH, SW), (NPY, NPX), (PH, PW) = layout.stride, layout.phases, layout.plane
+    NP = NPY * NPX
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def pad_phases(x: T.Buffer((N, C, H, W), dtype), out: T.Buffer((N, C * NP * PH * PW), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        with T.sblock("root"):
+            for t in T.parallel(N * C * NP * PH):
+                for j in range(PW):
+                    out[t // (C * NP * PH), t % (C * NP * PH) * PW + j] = T.if_then_else(
+                        0 <= (t % PH) * SH + t // PH % NP // NPX - TOP
+                        and (t % PH) * SH + t // PH % NP // NPX - TOP < H
+                        and 0 <= j * SW + t // PH % NPX - LEFT and j * SW + t // PH % NPX - LEFT < W,
+                        x[t // (C * NP * PH), t // (NP * PH) % C,
+                          T.max(T.min((t % PH) * SH + t // PH % NP // NPX - TOP, H - 1), 0),
+                          T.max(T.min(j * SW + t // PH % NPX - LEFT, W - 1), 0)],
+                        T.cast(0, dtype))
+
+    return pad_phases

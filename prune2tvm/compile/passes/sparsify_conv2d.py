@@ -17,7 +17,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, column_offsets, pad_flat_cpu
+from prune2tvm.compile.kernels.bsr_conv2d import (BsrConv2dShape, PhaseLayout, column_offsets, pad_flat_cpu,
+                                                  pad_phases_cpu)
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
@@ -67,19 +68,28 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         if bsr is None or not selected(decision, probe, select):
             return call
         n, _, h, wd = x_shape
-        top, left, bottom, right = (int(p) for p in attrs.padding)
+        pads = tuple(int(p) for p in attrs.padding)
+        top, left, bottom, right = pads
         out_shape = [int(d) for d in call.ty.shape]
-        shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
-                               (kh, kw), tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation),
-                               block, bsr.nnzb)
-        flat_shape = [n, c * shape.padded[0] * shape.padded[1]]
-        if top or bottom or left or right:  # padded and flattened in one parallel pass
-            pad = builder.add_func(pad_flat_cpu(n, c, h, wd, (top, left, bottom, right)), "pad_flat")
-            flat = relax.call_tir(pad, [matches[x]], relax.TensorType(flat_shape, "float32"))
-        else:  # a view
-            flat = relax.op.reshape(matches[x], flat_shape)
         data, _, indptr = bsr.kernel_arrays()
-        offsets = column_offsets(shape, bsr.indices)
+        if strides != [1, 1]:  # split into stride phases: the kernel then reads with stride 1
+            layout = PhaseLayout(c, (h, wd), pads, (kh, kw), tuple(strides), tuple(dilation))
+            shape = BsrConv2dShape(n, layout.planes, layout.plane, o, (out_shape[2], out_shape[3]), (kh, kw),
+                                   (1, 1), (1, 1), block, bsr.nnzb)
+            pad = builder.add_func(pad_phases_cpu(n, layout), "pad_phases")
+            flat = relax.call_tir(pad, [matches[x]], relax.TensorType([n, layout.planes * layout.plane[0]
+                                                                       * layout.plane[1]], "float32"))
+            offsets = layout.offsets(bsr.indices, block[1])
+        else:
+            shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
+                                   (kh, kw), (1, 1), tuple(dilation), block, bsr.nnzb)
+            flat_shape = [n, c * shape.padded[0] * shape.padded[1]]
+            if top or bottom or left or right:  # padded and flattened in one parallel pass
+                pad = builder.add_func(pad_flat_cpu(n, c, h, wd, pads), "pad_flat")
+                flat = relax.call_tir(pad, [matches[x]], relax.TensorType(flat_shape, "float32"))
+            else:  # a view
+                flat = relax.op.reshape(matches[x], flat_shape)
+            offsets = column_offsets(shape, bsr.indices)
         arrays = (data, indptr, offsets)
         gvar = builder.add_func(kernel(shape, NO_EPILOGUE, *arrays), "bsr_conv2d")
         if kernels is not None:
@@ -90,21 +100,14 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
 
     def _depthwise(call: relax.Call, data: relax.Expr, x_shape: list[int], w: np.ndarray,
                    decision: LayerDecision) -> relax.Expr:
-        """A depthwise conv as prune2tvm's (dense) depthwise kernel, its input padded and
-        flattened like the BSR convs'."""
+        """A depthwise conv as prune2tvm's (dense) depthwise kernel (it pads as it reads)."""
         attrs = call.attrs
         n, c, h, wd = x_shape
-        top, left, bottom, right = (int(p) for p in attrs.padding)
         out_shape = [int(d) for d in call.ty.shape]
-        shape = DepthwiseShape(n, c, (h + top + bottom, wd + left + right), (out_shape[2], out_shape[3]),
+        shape = DepthwiseShape(n, c, (h, wd), tuple(int(p) for p in attrs.padding), (out_shape[2], out_shape[3]),
                                (w.shape[2], w.shape[3]), tuple(int(v) for v in attrs.strides),
                                tuple(int(v) for v in attrs.dilation))
-        flat_shape = [n, c * shape.padded[0] * shape.padded[1]]
-        if top or bottom or left or right:
-            pad = builder.add_func(pad_flat_cpu(n, c, h, wd, (top, left, bottom, right)), "pad_flat")
-            flat = relax.call_tir(pad, [data], relax.TensorType(flat_shape, "float32"))
-        else:
-            flat = relax.op.reshape(data, flat_shape)
+        flat = data
         gvar = builder.add_func(depthwise(shape, NO_EPILOGUE), "depthwise_conv2d")
         if kernels is not None:
             kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape: depthwise(shape, e), 1, decision)
