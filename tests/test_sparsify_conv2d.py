@@ -85,11 +85,15 @@ def test_conv_decisions_and_structure(convnet_onnx):
     assert table["dw.weight"].kind == "dense" and table["dw.weight"].reason == \
         "depthwise conv (groups=32): dense, prune2tvm's depthwise kernel; bias fused; relu fused"
     assert table["odd.weight"].reason == "[10, 32] does not divide into 4x1 blocks; left dense"
+    # y + pw(...): the shortcut is added in pw's store; y + relu(dilated(y)): after the ReLU, not fused
+    assert table["pw.weight"].reason.endswith("; bias fused; residual add fused")
+    assert table["dilated.weight"].reason.endswith("; relu fused")
     ops = called(new)
     assert ops.count("relax.nn.conv2d") == 1 and ops.count("bsr_conv2d") == 4  # "odd" stays TVM's conv
     assert ops.count("depthwise_conv2d") == 1
     assert ops.count("pad_flat") == 2  # the padded stride-1 BSR convs; 1x1 needs none, depthwise pads as it reads
     assert ops.count("pad_phases") == 1  # the stride-2 conv reads its input split into stride phases
+    assert ops.count("relax.add") == 2  # the residual add after a ReLU, and the bias of the dense "odd" conv
 
 
 @pytest.mark.parametrize("batch", [1, 2])

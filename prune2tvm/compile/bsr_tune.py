@@ -49,6 +49,7 @@ class BsrKernelSpec:
     input_shape: list[int]
     output_shape: list[int]
     channels: int  # the bias' length
+    residual_slot: bool = False  # the kernel takes a residual argument before the bias (conv kernels)
 
 
 @dataclass
@@ -119,6 +120,7 @@ def _time_kernel(spec: BsrKernelSpec, params: dict, target: TargetConfig) -> flo
     data, indices, indptr = spec.arrays
     args = [tvm.runtime.tensor(rng.standard_normal(spec.input_shape).astype(np.float32), dev),
             *(tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (data, indices, indptr)),
+            *([tvm.runtime.tensor(np.zeros(1, np.float32), dev)] if spec.residual_slot else []),
             tvm.runtime.tensor(np.zeros(spec.channels, np.float32), dev),
             tvm.runtime.empty(spec.output_shape, "float32", dev)]
     timer = lib.time_evaluator("main", dev, number=10, repeat=5, min_repeat_ms=20)

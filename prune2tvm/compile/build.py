@@ -390,7 +390,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
                 f"{shape.out[0]}x{shape.out[1]} {shape.block[0]}x{shape.block[1]} ({shape.nnzb} blocks)",
                 lambda p: bsr_conv2d_cpu(shape, lanes, NO_EPILOGUE, **p), conv_search_space(shape, lanes),
                 [data, offsets, indptr], [shape.batch, shape.in_channels * shape.padded[0] * shape.padded[1]],
-                [shape.batch, shape.out_channels, *shape.out], shape.out_channels))
+                [shape.batch, shape.out_channels, *shape.out], shape.out_channels, residual_slot=True))
             return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
 
         def depthwise_kernel(shape, epilogue):

@@ -80,7 +80,9 @@ def column_offsets(s: BsrConv2dShape, indices):
 def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE,
                    vectors_per_task: int | None = None):
     """Kernel arguments: the padded input flattened per image [N, CI*HP*WP], data [nnzb, R, CB],
-    ``column_offsets`` [nnzb*CB], indptr [O/R + 1], bias [O], out.
+    ``column_offsets`` [nnzb*CB], indptr [O/R + 1], residual, bias [O], out. ``residual`` is
+    the output's shape flattened [N*O*OH*OW] when ``epilogue.residual`` (added before the
+    clamp), else one unused element.
 
     A row whose width is not a whole number of vectors ends with a vector that starts at
     OW - V, overlapping the one before it (those columns are computed twice, identically), so
@@ -95,13 +97,16 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
     V, U, UT = _tiling(OWC, R, lanes, vectors_per_task)
     IMG = CI * HP * WP
     LO, HI = epilogue.low, epilogue.high
+    RES = epilogue.residual
+    RS = N * O * OH * OW if RES else 1
 
     # Tasks run output row by output row, every block row of one output row together: they
     # read the same few input rows, which stay in cache.
     @T.prim_func(private=True)
     def bsr_conv2d(x: T.Buffer((N, IMG), dtype), data: T.Buffer((NNZB, R, CB), dtype),
                    offsets: T.Buffer((NNZB * CB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-                   bias: T.Buffer((O,), dtype), out: T.Buffer((N, O, OH, OW), dtype)):
+                   residual: T.Buffer((RS,), dtype), bias: T.Buffer((O,), dtype),
+                   out: T.Buffer((N, O, OH, OW), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         outc = T.decl_buffer((N, O, OHC, OWC), dtype, data=out.data)
         for task in T.parallel(N * OHC * UT * NB):
@@ -122,9 +127,18 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
             for u in range(U):
                 for r in range(R):
                     for v in T.vectorized(V):
-                        outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
-                            T.min(((task // NB % UT) * U + u) * V, OWC - V) + v] = T.min(T.max(
-                                acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
+                        if RES:
+                            outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
+                                 T.min(((task // NB % UT) * U + u) * V, OWC - V) + v] = T.min(T.max(
+                                    acc[u, r, v] + bias[(task % NB) * R + r] + residual[
+                                        ((task // (OHC * UT * NB) * O + (task % NB) * R + r) * OHC
+                                         + task // (UT * NB) % OHC) * OWC
+                                        + T.min(((task // NB % UT) * U + u) * V, OWC - V) + v],
+                                    T.cast(LO, dtype)), T.cast(HI, dtype))
+                        else:
+                            outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
+                                 T.min(((task // NB % UT) * U + u) * V, OWC - V) + v] = T.min(T.max(
+                                    acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
 
     return bsr_conv2d
 

@@ -30,10 +30,12 @@ FLT_MAX = 3.4028234663852886e38
 class Epilogue:
     """What a kernel does to each output before storing it: add ``bias[channel]`` (every
     kernel takes a bias; zeros when the layer has none), then clamp to [low, high]
-    (ReLU: low 0). Fused here, the bias add and activation cost no pass over the output."""
+    (ReLU: low 0). Fused here, the bias add and activation cost no pass over the output.
+    Conv kernels can also add a residual input (ResNet's shortcut) before the clamp."""
 
     low: float = -FLT_MAX
     high: float = FLT_MAX
+    residual: bool = False  # add a residual input (same shape as the output) before the clamp (conv kernels)
 
     @property
     def activation(self) -> str:

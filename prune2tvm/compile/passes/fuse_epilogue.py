@@ -8,12 +8,15 @@ clamp on top becomes the kernel's [low, high] clamp: ``relu``, ``clip``, and ``m
 ``minimum`` with a scalar constant (how ONNX's Clip, i.e. torch's ReLU6, is imported). Also
 through the reshape the dense pass puts around batched (3-D) activations.
 
-A bias after an activation does not commute with it and is left alone, as is any constant
-that is not per channel. Other activations (GELU, sigmoid) stay as TVM builds them.
+A BSR conv also takes the residual add that follows it (``add(conv, shortcut)``, ResNet's
+shortcut) as an input of its store, before the clamp, so ``relu(conv + bias + shortcut)`` is
+one pass. A bias or residual after an activation does not commute with it and is left
+alone, as is any constant that is not per channel. Other activations (GELU, sigmoid) stay as TVM builds them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +37,7 @@ class FusableKernel:
     channel_axis: int  # of the kernel's output
     decision: LayerDecision
     epilogue: Epilogue = NO_EPILOGUE
+    takes_residual: bool = False  # its second-to-last argument can be a residual input (BSR convs)
 
 
 # kernel GlobalVar name -> FusableKernel
@@ -48,6 +52,8 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
     produced = kernel_call | reshape
     bias = is_const() | is_op("relax.reshape")(is_const(), wildcard())
     add = is_op("relax.add")(produced, bias) | is_op("relax.add")(bias, produced)
+    shortcut = wildcard()  # a residual: any tensor of the kernel's output shape (ResNet's shortcut)
+    residual = is_op("relax.add")(kernel_call, shortcut) | is_op("relax.add")(shortcut, kernel_call)
     scalar = is_const()
     # ONNX's Clip arrives as TE maximum / minimum kernels whose bound is where(isnan(c), inf, c)
     checked, bound = is_const(), is_const()
@@ -64,11 +70,22 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
         if info is None or (call.op.name == "relax.add" and info.epilogue.activation):
             return call  # not ours, or a bias after the activation (they do not commute)
         out_shape = static_shape(call)
-        if out_shape is None or out_shape != static_shape(matches[produced]):
+        if out_shape is None or out_shape != static_shape(matches[produced] if produced in matches else kcall):
             return call  # the add broadcasts beyond the kernel's output
         axis = len(out_shape) - 1 if reshape in matches else info.channel_axis
         args = list(kcall.args[1].fields)
         gvar = kcall.args[0]
+        if call.op.name == "relax.add" and shortcut in matches:
+            other = matches[shortcut]
+            if not info.takes_residual or info.epilogue.residual or isinstance(other, tvm.ir.GenericConst) \
+                    or static_shape(other) != out_shape or other.ty.dtype != "float32":
+                return call
+            epilogue = dataclasses.replace(info.epilogue, residual=True)
+            gvar = builder.add_func(info.make(epilogue), gvar.name_hint)
+            kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
+            args[-2] = relax.op.reshape(other, [int(np.prod(out_shape))])
+            info.decision.reason += "; residual add fused"
+            return relax.call_tir(gvar, args, kcall.ty)
         if call.op.name == "relax.add":
             vector = _per_channel(_constant(matches[bias]), out_shape, axis)
             if vector is None:
@@ -81,7 +98,7 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
             if epilogue is None:
                 return call
             gvar = builder.add_func(info.make(epilogue), gvar.name_hint)
-            kernels[gvar.name_hint] = FusableKernel(info.make, info.channel_axis, info.decision, epilogue)
+            kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
             before = info.epilogue.activation
             fused = epilogue.activation
             info.decision.reason = (info.decision.reason.replace(f"; {before} fused", "") if before
@@ -92,7 +109,7 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
         return new
 
     # the kernels replaced by their ReLU variants are no longer called
-    return relax.transform.DeadCodeElimination()(rewrite_functions(mod, builder, add | clamp, rewrite))
+    return relax.transform.DeadCodeElimination()(rewrite_functions(mod, builder, add | residual | clamp, rewrite))
 
 
 def _clamp_of(call: relax.Call, scalar: relax.Constant | None, mod: tvm.IRModule,
@@ -145,7 +162,7 @@ def _clamped(current: Epilogue, low: float | None, high: float | None) -> Epilog
     # clamp(clamp(x, a, b), low, high) is clamp(x, max(a, low), min(b, high)) while the two
     # ranges overlap; otherwise the result is a constant, left to TVM
     low, high = max(current.low, low), min(current.high, high)
-    return Epilogue(low, high) if low <= high else None
+    return dataclasses.replace(current, low=low, high=high) if low <= high else None
 
 
 def _constant(expr: relax.Expr) -> np.ndarray:

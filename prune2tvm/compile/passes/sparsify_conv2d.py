@@ -94,9 +94,10 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         gvar = builder.add_func(kernel(shape, NO_EPILOGUE, *arrays), "bsr_conv2d")
         if kernels is not None:
             kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape, arrays=arrays: kernel(shape, e, *arrays),
-                                                    1, decision)
-        return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr), const(np.zeros(o, np.float32))],
-                              relax.TensorType(out_shape, "float32"))
+                                                    1, decision, takes_residual=True)
+        no_residual = const(np.zeros(1, np.float32))  # fuse_epilogues may put a residual input here
+        return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr), no_residual,
+                                     const(np.zeros(o, np.float32))], relax.TensorType(out_shape, "float32"))
 
     def _depthwise(call: relax.Call, data: relax.Expr, x_shape: list[int], w: np.ndarray,
                    decision: LayerDecision) -> relax.Expr:
