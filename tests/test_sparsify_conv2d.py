@@ -235,3 +235,35 @@ def test_strided_convs_read_stride_phases_and_match_onnxruntime(tmp_path, c, o, 
     mod = import_onnx(path, {"input": [1, c, *size]})
     new, _ = sparsify_module(mod, path, load_target("x86"), SparsifyOptions((4, 1), 0.3))
     assert called(new).count("pad_phases") == 1 and "pad_flat" not in called(new)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's residual block: two 3x3 convs, the second one's output plus the shortcut."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+
+
+@pytest.mark.parametrize("size", [(7, 7), (14, 9), (5, 21)])
+def test_narrow_images_use_virtual_rows_with_the_residual_fused(tmp_path, size):
+    """Widths under a vector: 3x3 convs run over rows of the padded pitch (the columns
+    between rows computed, never stored), the shortcut and ReLU in the second conv's store."""
+    from prune2tvm.export import export_onnx
+
+    torch.manual_seed(0)
+    model = BasicBlock(8).eval()
+    for conv in (model.conv1, model.conv2):
+        prune_conv_blocks(conv, 4, 0.5)
+    x = np.random.default_rng(1).standard_normal((1, 8, *size)).astype(np.float32)
+    onnx_model = export_onnx(model, (8, *size), tmp_path / "block.onnx", 17, x)
+    compiled = compile_onnx(onnx_model.path, load_target("x86"), {"input": [1, 8, *size]},
+                            sparsify=SparsifyOptions((4, 1), 0.4))
+    assert compiled.info.verified and [d["kind"] for d in compiled.info.layers] == ["bsr", "bsr"]
+    assert compiled.info.layers[1]["reason"].endswith("; bias fused; residual add fused; relu fused")
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(onnx_model.path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)

@@ -80,17 +80,19 @@ def test_rewrite_replaces_sparse_matmuls_with_bsr_kernel_calls(mixed_onnx):
     assert decisions[0].block_sparsity == pytest.approx(0.8, abs=0.05)
     assert decisions[2].reason == "[10, 12] does not divide into 4x1 blocks; left dense"
     ops, before = ops_in(new["main"]), ops_in(mod["main"])
-    assert ops.count("relax.matmul") == 1 and ops.count("relax.call_tir") == 2
+    assert ops.count("relax.matmul") == 1 and ops.count("relax.call_tir") == 3  # fc1, fc2 and the depthwise conv
     # fc1's and fc2's bias adds and ReLUs are folded into their kernels
     assert [d.reason.split("; ", 1)[1] for d in decisions[:2]] == ["bias fused; relu fused"] * 2
-    assert before.count("relax.add") - ops.count("relax.add") == 2
-    assert before.count("relax.nn.relu") - ops.count("relax.nn.relu") == 2
-    assert ops.count("relax.nn.conv2d") == 3  # convs stay dense (their rewrite is separate)
+    # (and the depthwise conv's: three of each gone)
+    assert before.count("relax.add") - ops.count("relax.add") == 3
+    assert before.count("relax.nn.relu") - ops.count("relax.nn.relu") == 3
+    assert ops.count("relax.nn.conv2d") == 2  # unpruned convs stay TVM's; the depthwise one is prune2tvm's kernel
     kernels = [f for f in new.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert len(kernels) == 2 and all(f.attrs["tirx.is_scheduled"] for f in kernels)
+    assert len(kernels) == 3 and all(f.attrs["tirx.is_scheduled"] for f in kernels)
     calls = []
     relax.analysis.post_order_visit(new["main"].body, lambda e: calls.append(e) if isinstance(e, relax.Call)
                                     and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir" else None)
+    calls = [call for call in calls if "bsr_matmul" in call.args[0].name_hint]
     arg_shapes = [[[int(d) for d in a.ty.shape] for a in call.args[1].fields] for call in calls]
     assert [shapes[0] for shapes in arg_shapes] == [[2, 128], [2, 64]]  # activations
     assert all(shapes[1][1:] == [4, 1] for shapes in arg_shapes)  # the kept 4x1 blocks
@@ -102,7 +104,10 @@ def test_nothing_sparse_enough_leaves_the_module_as_it_was(mixed_onnx):
     mod = import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})
     new, decisions = sparsify_module(mod, mixed_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.95))
     decisions = [d for d in decisions if d.op == "dense"]
-    tvm.ir.assert_structural_equal(new["main"], import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})["main"])
+    # no BSR kernel: every matmul is still there (only the depthwise conv became prune2tvm's kernel)
+    kernels = [g.name_hint for g, f in new.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and kernels[0].startswith("depthwise_conv2d")
+    assert ops_in(new["main"]).count("relax.matmul") == ops_in(mod["main"]).count("relax.matmul") == 3
     assert all(d.kind == "dense" for d in decisions)
     assert decisions[0].reason.startswith("block sparsity 0.") and "< threshold 0.95" in decisions[0].reason
 

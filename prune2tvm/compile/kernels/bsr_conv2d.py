@@ -42,20 +42,32 @@ def _tiling(out_width: int, rows: int, lanes: int, vectors_per_task: int | None 
     return v, u, (vectors + u - 1) // u
 
 
-def computed_output(s: BsrConv2dShape) -> tuple[int, int]:
-    """The output's (height, width) as the kernel computes it. A 1x1 conv with stride 1 and no
-    padding is a sparse matrix times the image's pixels, computed over them as one row
-    (H x W -> 1 x H*W), so a 7x7 or 14x14 image fills whole vectors (measured alone: 2.5x
-    faster at 7x7, 1.45x at 14x14, 1.3x at 56x56)."""
+def computed_output(s: BsrConv2dShape, lanes: int = 16) -> tuple[int, int]:
+    """The output's (height, width) as the kernel computes it.
+
+    * A 1x1 conv with stride 1 and no padding is a sparse matrix times the image's pixels,
+      computed over them as one row (H x W -> 1 x H*W), so a 7x7 or 14x14 image fills whole
+      vectors (measured alone: 2.5x faster at 7x7, 1.45x at 14x14, 1.3x at 56x56).
+    * Any other stride-1 conv narrower than a vector (3x3 at 7x7 or 14x14) is computed over
+      "virtual rows": output (oh, ow) is pixel oh*WP + ow of one long row with the padded
+      input's pitch WP, so every tap reads a whole vector; the WP - OW columns between rows
+      are computed and never stored (``virtual_rows``).
+    * Otherwise, row by row."""
     if s.kernel == (1, 1) and s.stride == (1, 1) and s.dilation == (1, 1) and s.padded == s.out:
         return 1, s.out[0] * s.out[1]
+    if virtual_rows(s, lanes):
+        return 1, (s.out[0] - 1) * s.padded[1] + s.out[1]
     return s.out
+
+
+def virtual_rows(s: BsrConv2dShape, lanes: int = 16) -> bool:
+    return s.stride == (1, 1) and s.out[1] < lanes and s.out[0] > 1 and s.padded[1] != s.out[1]
 
 
 def conv_search_space(s: BsrConv2dShape, lanes: int = 16) -> list[dict]:
     """The parameter sets the conv kernel can be built with (the first is the default):
     vectors of output columns per task, within the stack's 1 KB for accumulators."""
-    width = computed_output(s)[1]
+    width = computed_output(s, lanes)[1]
     v, default, _ = _tiling(width, s.block[0], lanes)
     vectors = (width + v - 1) // v
     most = min(vectors, 255 // (s.block[0] * v))
@@ -89,8 +101,9 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
     nothing is read past the row and the input needs no padding beyond the conv's own."""
     N, CI, (HP, WP), O, (OH, OW) = s.batch, s.in_channels, s.padded, s.out_channels, s.out
     (SH, SW) = s.stride
-    OHC, OWC = computed_output(s)  # the output as the kernel computes it
-    if (OHC, OWC) != (OH, OW):
+    OHC, OWC = computed_output(s, lanes)  # the output as the kernel computes it
+    VIRTUAL = virtual_rows(s, lanes)  # pixel p is output (p // WP, p % WP), stored when p % WP < OW
+    if (OHC, OWC) != (OH, OW) and not VIRTUAL:
         HP, WP = OHC, OWC
     R, CB = s.block
     NB, NNZB, dtype = O // R, max(s.nnzb, 1), s.dtype
@@ -124,21 +137,37 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
                                     task // (OHC * UT * NB),
                                     offsets[b * CB + cc] + (task // (UT * NB) % OHC) * SH * WP
                                     + (T.min(((task // NB % UT) * U + u) * V, OWC - V) + v) * SW]
-            for u in range(U):
-                for r in range(R):
-                    for v in T.vectorized(V):
-                        if RES:
-                            outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
-                                 T.min(((task // NB % UT) * U + u) * V, OWC - V) + v] = T.min(T.max(
-                                    acc[u, r, v] + bias[(task % NB) * R + r] + residual[
-                                        ((task // (OHC * UT * NB) * O + (task % NB) * R + r) * OHC
-                                         + task // (UT * NB) % OHC) * OWC
-                                        + T.min(((task // NB % UT) * U + u) * V, OWC - V) + v],
-                                    T.cast(LO, dtype)), T.cast(HI, dtype))
-                        else:
-                            outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
-                                 T.min(((task // NB % UT) * U + u) * V, OWC - V) + v] = T.min(T.max(
-                                    acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
+            if VIRTUAL:
+                for u in range(U):
+                    for r in range(R):
+                        for v in T.unroll(V):
+                            if (T.min(((task // NB % UT) * U + u) * V, OWC - V) + v) % WP < OW:
+                                out[task // (OHC * UT * NB), (task % NB) * R + r,
+                                    (T.min(((task // NB % UT) * U + u) * V, OWC - V) + v) // WP,
+                                    (T.min(((task // NB % UT) * U + u) * V, OWC - V) + v) % WP] = T.min(T.max(
+                                        acc[u, r, v] + bias[(task % NB) * R + r] + T.if_then_else(RES, residual[T.min(
+                                            ((task // (OHC * UT * NB) * O + (task % NB) * R + r) * OH
+                                             + (T.min(((task // NB % UT) * U + u) * V, OWC - V) + v) // WP) * OW
+                                            + (T.min(((task // NB % UT) * U + u) * V, OWC - V) + v) % WP, RS - 1)],
+                                            T.cast(0, dtype)),
+                                        T.cast(LO, dtype)), T.cast(HI, dtype))
+            else:
+                for u in range(U):
+                    for r in range(R):
+                        for v in T.vectorized(V):
+                            if RES:
+                                outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
+                                     T.min(((task // NB % UT) * U + u) * V, OWC - V) + v] = T.min(T.max(
+                                        acc[u, r, v] + bias[(task % NB) * R + r] + residual[
+                                            ((task // (OHC * UT * NB) * O + (task % NB) * R + r) * OHC
+                                             + task // (UT * NB) % OHC) * OWC
+                                            + T.min(((task // NB % UT) * U + u) * V, OWC - V) + v],
+                                        T.cast(LO, dtype)), T.cast(HI, dtype))
+                            else:
+                                outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
+                                     T.min(((task // NB % UT) * U + u) * V, OWC - V) + v] = T.min(T.max(
+                                        acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)),
+                                        T.cast(HI, dtype))
 
     return bsr_conv2d
 

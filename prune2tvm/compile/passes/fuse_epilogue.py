@@ -38,6 +38,21 @@ class FusableKernel:
     decision: LayerDecision
     epilogue: Epilogue = NO_EPILOGUE
     takes_residual: bool = False  # its second-to-last argument can be a residual input (BSR convs)
+    # Layers of one shape share one kernel (the block builder keeps one copy of identical
+    # functions): each layer's decision, found by the weight constant its call passes.
+    layers: list = dataclasses.field(default_factory=list)
+
+    def decision_for(self, call: relax.Call) -> LayerDecision:
+        weight = call.args[1].fields[1]
+        return next((d for c, d in self.layers if c.same_as(weight)), self.decision)
+
+
+def register(kernels: KernelRegistry | None, gvar: relax.GlobalVar, kernel: FusableKernel, weight: relax.Expr) -> None:
+    """Enter a kernel call's layer (``weight``: the constant passed as its second argument)."""
+    if kernels is None:
+        return
+    entry = kernels.setdefault(gvar.name_hint, kernel)
+    entry.layers.append((weight, kernel.decision))
 
 
 # kernel GlobalVar name -> FusableKernel
@@ -75,6 +90,7 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
         axis = len(out_shape) - 1 if reshape in matches else info.channel_axis
         args = list(kcall.args[1].fields)
         gvar = kcall.args[0]
+        decision = info.decision_for(kcall)
         if call.op.name == "relax.add" and shortcut in matches:
             other = matches[shortcut]
             if not info.takes_residual or info.epilogue.residual or isinstance(other, tvm.ir.GenericConst) \
@@ -84,14 +100,14 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
             gvar = builder.add_func(info.make(epilogue), gvar.name_hint)
             kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
             args[-2] = relax.op.reshape(other, [int(np.prod(out_shape))])
-            info.decision.reason += "; residual add fused"
+            decision.reason += "; residual add fused"
             return relax.call_tir(gvar, args, kcall.ty)
         if call.op.name == "relax.add":
             vector = _per_channel(_constant(matches[bias]), out_shape, axis)
             if vector is None:
                 return call
             args[-1] = const(args[-1].value.numpy() + vector)
-            info.decision.reason += "; bias fused"
+            decision.reason += "; bias fused"
         else:
             epilogue = _clamped(info.epilogue, *_clamp_of(call, matches.get(scalar), mod,
                                                                   matches.get(checked), matches.get(bound)))
@@ -101,8 +117,8 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
             kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
             before = info.epilogue.activation
             fused = epilogue.activation
-            info.decision.reason = (info.decision.reason.replace(f"; {before} fused", "") if before
-                                    else info.decision.reason) + f"; {fused} fused"
+            decision.reason = (decision.reason.replace(f"; {before} fused", "") if before
+                               else decision.reason) + f"; {fused} fused"
         new = relax.call_tir(gvar, args, kcall.ty)
         if reshape in matches:
             new = relax.op.reshape(new, matches[reshape].args[1])

@@ -21,7 +21,7 @@ from prune2tvm.compile.kernels.bsr_conv2d import (BsrConv2dShape, PhaseLayout, c
                                                   pad_phases_cpu)
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape
-from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
+from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry, register
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, rewrite_functions, selected,
                                                 static_shape)
@@ -92,11 +92,11 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
             offsets = column_offsets(shape, bsr.indices)
         arrays = (data, indptr, offsets)
         gvar = builder.add_func(kernel(shape, NO_EPILOGUE, *arrays), "bsr_conv2d")
-        if kernels is not None:
-            kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape, arrays=arrays: kernel(shape, e, *arrays),
-                                                    1, decision, takes_residual=True)
+        weights = const(data)
+        register(kernels, gvar, FusableKernel(lambda e, shape=shape, arrays=arrays: kernel(shape, e, *arrays),
+                                              1, decision, takes_residual=True), weights)
         no_residual = const(np.zeros(1, np.float32))  # fuse_epilogues may put a residual input here
-        return relax.call_tir(gvar, [flat, const(data), const(offsets), const(indptr), no_residual,
+        return relax.call_tir(gvar, [flat, weights, const(offsets), const(indptr), no_residual,
                                      const(np.zeros(o, np.float32))], relax.TensorType(out_shape, "float32"))
 
     def _depthwise(call: relax.Call, data: relax.Expr, x_shape: list[int], w: np.ndarray,
@@ -110,10 +110,10 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
                                tuple(int(v) for v in attrs.dilation))
         flat = data
         gvar = builder.add_func(depthwise(shape, NO_EPILOGUE), "depthwise_conv2d")
-        if kernels is not None:
-            kernels[gvar.name_hint] = FusableKernel(lambda e, shape=shape: depthwise(shape, e), 1, decision)
+        weights = const(np.ascontiguousarray(w.reshape(c, -1)))
+        register(kernels, gvar, FusableKernel(lambda e, shape=shape: depthwise(shape, e), 1, decision), weights)
         decision.reason = f"depthwise conv (groups={c}): dense, prune2tvm's depthwise kernel"
-        return relax.call_tir(gvar, [flat, const(np.ascontiguousarray(w.reshape(c, -1))), const(np.zeros(c, np.float32))],
+        return relax.call_tir(gvar, [flat, weights, const(np.zeros(c, np.float32))],
                               relax.TensorType(out_shape, "float32"))
 
     return rewrite_functions(mod, builder, pattern, rewrite), in_graph_order(log.decisions())

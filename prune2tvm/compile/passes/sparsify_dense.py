@@ -25,7 +25,7 @@ from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, rewrite_functions, selected,
                                                 static_shape)
-from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
+from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry, register
 from prune2tvm.sparse import BsrMatrix
 
 
@@ -80,10 +80,11 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
             return call
         rows = math.prod(x_shape[:-1])
         gvar = builder.add_func(kernel(rows, bsr, NO_EPILOGUE), "bsr_matmul")
-        if kernels is not None:
-            kernels[gvar.name_hint] = FusableKernel(lambda e, rows=rows, bsr=bsr: kernel(rows, bsr, e), 1, decision)
+        data, indices, indptr = bsr.kernel_arrays()
+        weights = const(data)
+        register(kernels, gvar, FusableKernel(lambda e, rows=rows, bsr=bsr: kernel(rows, bsr, e), 1, decision), weights)
         flat = relax.op.reshape(x_expr, [rows, k]) if len(x_shape) != 2 else x_expr
-        out = relax.call_tir(gvar, [flat, *(const(a) for a in bsr.kernel_arrays()), const(np.zeros(n, np.float32))],
+        out = relax.call_tir(gvar, [flat, weights, const(indices), const(indptr), const(np.zeros(n, np.float32))],
                              relax.TensorType([rows, n], dtype))
         return relax.op.reshape(out, [*x_shape[:-1], n]) if len(x_shape) != 2 else out
 
