@@ -70,6 +70,13 @@ def test_compile_applies_a_database_and_refuses_a_foreign_one(tuned, tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "build" / "manifest.json").read_text())
     assert info["verified"] and info["tuning_database"] == str(tmp / "db")
+    assert list(info["files"]) == ["model.so"]
+    # --include-tuning: the records it was built with travel in the artifact, checksummed
+    result = run_cli("compile", model, "--db", tmp / "db", "--include-tuning", "-o", tmp_path / "with-records")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "with-records" / "manifest.json").read_text())
+    assert "tuning/records.json" in info["files"] and "tuning/meta.json" in info["files"]
+    assert (tmp_path / "with-records" / "tuning" / "records.json").read_text() == (tmp / "db" / "records.json").read_text()
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
