@@ -377,15 +377,14 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     bsr_reports = []
     try:
         reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task, time_limit_s=time_limit, rpc=rpc)
-        if prepared.bsr_kernels and rpc is None and tgt.kind != "cuda":
+        if prepared.bsr_kernels and tgt.kind != "cuda":
             from prune2tvm.compile.bsr_tune import BsrRecords, tune_bsr_kernels
 
-            bsr_reports = tune_bsr_kernels(prepared.bsr_kernels, tgt, BsrRecords.open(database.path))
+            bsr_reports = tune_bsr_kernels(prepared.bsr_kernels, tgt, BsrRecords.open(database.path), rpc)
             if any(r.status == "tuned" for r in bsr_reports):  # rebuild the kernels with what was found
                 prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
         elif prepared.bsr_kernels:
-            click.echo("BSR kernels: their parameter search measures on this machine only; not searched for "
-                       f"{'an RPC device' if rpc is not None else tgt.name}")
+            click.echo(f"BSR kernels: no parameter search for {tgt.name} (the CUDA kernel has none)")
     except KeyboardInterrupt:
         click.echo(f"interrupted: the records measured so far are kept in {database.path}; run the same command to "
                    "resume", err=True)

@@ -1,6 +1,7 @@
 """Tuning on remote devices through TVM's RPC tracker: a tracker and two servers on 127.0.0.1
 stand in for a fleet of boards. Every process started here is ended, children included."""
 
+import json
 import os
 import signal
 import socket
@@ -165,3 +166,29 @@ def test_a_key_without_devices_waits_then_says_so(fleet, model, tmp_path):
 def test_bad_rpc_options_are_one_line_errors(model, tmp_path, args, message):
     result = run_cli("tune", model, *args, "-o", tmp_path / "out")
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_bsr_parameter_search_measures_on_an_rpc_device(fleet, tmp_path):
+    """With --bsr, the BSR kernels' own parameter search is timed on a device under the key
+    too (built here, linked and run there), and its records land in the database."""
+    tmp, port, _ = fleet
+    rng = np.random.default_rng(4)
+    keep = rng.random((24 // 4, 48)) >= 0.8
+    w = (rng.standard_normal((24, 48)) * np.repeat(keep, 4, 0)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["output"])], "sparse_layer",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 48])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 24])],
+                              [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")])
+    path = tmp_path / "sparse.onnx"
+    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    before = sum((tmp / name).read_text().count("load_module") for name in ("server1.log", "server2.log"))
+    result = run_cli("tune", path, "--trials", 2, "--bsr", 4, "--db", tmp_path / "db", "--rpc-tracker",
+                     f"127.0.0.1:{port}", "--rpc-key", KEY, "-o", tmp_path / "tuned")
+    assert result.exit_code == 0, result.output
+    assert f"candidates on a device under key '{KEY}'" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| matmul 1x48->24"))
+    assert row.split("|")[2].strip() == "tuned" and int(row.split("|")[3]) == 4  # accumulators 4, 1, 2, 8
+    records = json.loads((tmp_path / "db" / "bsr.json").read_text())
+    assert len(records) == 1 and all(t > 0 for t in next(iter(records.values()))["candidates"].values())
+    after = sum((tmp / name).read_text().count("load_module") for name in ("server1.log", "server2.log"))
+    assert after - before >= 4  # every candidate was loaded on a server

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import tvm
 
-from prune2tvm.compile.target import device, tvm_target
+from prune2tvm.compile.target import tvm_target
 from prune2tvm.config import TargetConfig
 from prune2tvm.fsutil import write_json
 from prune2tvm.progress import say
@@ -88,8 +88,10 @@ class BsrTaskReport:
     params: dict
 
 
-def tune_bsr_kernels(specs: list[BsrKernelSpec], target: TargetConfig, records: BsrRecords) -> list[BsrTaskReport]:
-    """Measure every candidate of every kernel not yet in ``records``; keep the fastest."""
+def tune_bsr_kernels(specs: list[BsrKernelSpec], target: TargetConfig, records: BsrRecords,
+                     rpc=None) -> list[BsrTaskReport]:
+    """Measure every candidate of every kernel not yet in ``records``; keep the fastest. With
+    ``rpc`` (an ``RpcDevice``), candidates are built here and timed on one device under its key."""
     reports, todo = [], []
     for spec in specs:
         params = records.params(spec.key)
@@ -100,9 +102,11 @@ def tune_bsr_kernels(specs: list[BsrKernelSpec], target: TargetConfig, records: 
             reports.append(BsrTaskReport(spec.layer, "already tuned", 0, record.get("default_us"),
                                          record.get("best_us"), params))
     if todo:
-        say(f"  searching {len(todo)} BSR kernel(s): {sum(len(s.space) for s in todo)} candidates")
+        where = f" on a device under key {rpc.key!r}" if rpc is not None else ""
+        say(f"  searching {len(todo)} BSR kernel(s): {sum(len(s.space) for s in todo)} candidates{where}")
+    session = rpc.session() if rpc is not None and todo else None
     for spec in todo:
-        times = [_time_kernel(spec, params, target) for params in spec.space]
+        times = [_time_kernel(spec, params, target, session) for params in spec.space]
         best = int(np.argmin(times))
         record = {"layer": spec.layer, "params": spec.space[best], "default_us": times[0], "best_us": times[best],
                   "candidates": {json.dumps(p, sort_keys=True): t for p, t in zip(spec.space, times)}}
@@ -112,10 +116,11 @@ def tune_bsr_kernels(specs: list[BsrKernelSpec], target: TargetConfig, records: 
     return reports
 
 
-def _time_kernel(spec: BsrKernelSpec, params: dict, target: TargetConfig) -> float:
+def _time_kernel(spec: BsrKernelSpec, params: dict, target: TargetConfig, session=None) -> float:
+    from prune2tvm.compile.tune import load_where_measured
+
     func = spec.make(params).with_attr("global_symbol", "main")
-    lib = tvm.compile(tvm.IRModule({"main": func}), tvm_target(target)).jit()
-    dev = device(target)
+    lib, dev = load_where_measured(tvm.compile(tvm.IRModule({"main": func}), tvm_target(target)), target, session)
     rng = np.random.default_rng(0)
     data, indices, indptr = spec.arrays
     args = [tvm.runtime.tensor(rng.standard_normal(spec.input_shape).astype(np.float32), dev),

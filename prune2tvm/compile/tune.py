@@ -323,6 +323,18 @@ def _trial_count(db: TuningDatabase, mod: tvm.IRModule) -> int:
     return len(db.ms.get_top_k(db.ms.commit_workload(mod), 10**6))
 
 
+def load_where_measured(lib, target: TargetConfig, session=None):
+    """(module, device) of a built kernel: here, or, given an RPC ``session``, on the remote
+    device (exported as object files, linked by the RPC server there)."""
+    if session is None:
+        return lib.jit(), device(target)
+    with tempfile.TemporaryDirectory(prefix="prune2tvm-kernel-") as tmp:
+        path = Path(tmp) / "kernel.tar"
+        lib.mod.export_library(str(path))
+        session.upload(str(path))
+    return session.load_module("kernel.tar"), session.device(device(target).dlpack_device_type(), 0)
+
+
 def _untuned_us(mod: tvm.IRModule, target: TargetConfig, rpc: RpcDevice | None = None) -> float | None:
     """The task's latency as TVM builds it without tuning (random inputs), here or on the
     RPC device."""
@@ -331,17 +343,7 @@ def _untuned_us(mod: tvm.IRModule, target: TargetConfig, rpc: RpcDevice | None =
         rng = np.random.default_rng(0)
         values = [rng.random([int(d) for d in info.shape]).astype(str(info.dtype))
                   for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
-        if rpc is None:
-            dev = device(target)
-            module = lib.jit()
-        else:
-            session = rpc.session()
-            with tempfile.TemporaryDirectory(prefix="prune2tvm-untuned-") as tmp:
-                path = Path(tmp) / "task.tar"
-                lib.mod.export_library(str(path))
-                session.upload(str(path))
-            module = session.load_module("task.tar")
-            dev = session.device(device(target).dlpack_device_type(), 0)
+        module, dev = load_where_measured(lib, target, rpc.session() if rpc is not None else None)
         args = [tvm.runtime.tensor(v, dev) for v in values]
         timer = module.time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=20)
         return float(np.median(timer(*args).results) * 1e6)
