@@ -10,8 +10,10 @@ from torch import nn
 
 from prune2tvm.compile import compile_onnx
 from prune2tvm.compile.build import SparsifyOptions
+from prune2tvm.compile.kernels.bsr_conv2d import PhaseLayout, pad_phases_cpu
 from prune2tvm.compile.kernels.bsr_matmul import Epilogue
-from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, depthwise_conv2d_cpu, depthwise_reference
+from prune2tvm.compile.kernels.depthwise_conv2d import (DepthwiseShape, depthwise_conv2d_cpu, depthwise_phases_cpu,
+                                                        depthwise_reference)
 from prune2tvm.config import load_target
 from prune2tvm.export import export_onnx
 from prune2tvm.onnxrt import session
@@ -33,6 +35,8 @@ def run_kernel(func, *arrays, out_shape):
     (1, 2, 17, 3, 3, 1, (0, 0, 0, 0), 1),    # no padding, one output column
     (1, 2, 4, 2, 3, 1, (1, 1, 1, 1), 1),     # 2 wide: no interior column, all border
     (1, 3, 112, 112, 3, 2, (0, 0, 1, 1), 1),  # MobileNet's stride-2 shape, as TF pads it
+    (1, 2, 13, 11, 3, 3, (1, 1, 1, 1), 1),    # stride 3
+    (1, 2, 15, 15, 3, 2, (2, 2, 2, 2), 2),    # stride 2, dilation 2: only even taps, one phase
 ])
 def test_depthwise_kernel_matches_numpy(n, c, h, w, k, stride, pads, dilation):
     rng = np.random.default_rng(h * w + k)
@@ -45,6 +49,13 @@ def test_depthwise_kernel_matches_numpy(n, c, h, w, k, stride, pads, dilation):
         got = run_kernel(depthwise_conv2d_cpu(shape, 16, epilogue), x, weight.reshape(c, -1), bias,
                          out_shape=expected.shape)
         np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+        if stride != 1:  # what the rewrite uses for strided convs: the input split into stride phases
+            layout = PhaseLayout(c, (h, w), pads, (k, k), (stride, stride), (dilation, dilation))
+            phases = run_kernel(pad_phases_cpu(n, layout), x, out_shape=(n, layout.planes * layout.plane[0]
+                                                                         * layout.plane[1]))
+            got = run_kernel(depthwise_phases_cpu(shape, layout, 16, epilogue), phases, weight.reshape(c, -1), bias,
+                             out_shape=expected.shape)
+            np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
 
 
 class InvertedResidual(nn.Module):
@@ -60,16 +71,23 @@ class InvertedResidual(nn.Module):
         return self.project(self.dw(self.expand(x)))
 
 
-def test_depthwise_convs_take_the_kernel_with_bias_and_relu6_fused(tmp_path):
+@pytest.mark.parametrize("size, phased", [((19, 23), False), ((9, 40), True)])
+def test_depthwise_convs_take_the_kernel_with_bias_and_relu6_fused(tmp_path, size, phased):
+    """12 output columns: the kernel pads as it reads; 20: it reads stride phases."""
     torch.manual_seed(0)
     model = InvertedResidual().eval()
     for bn in (model.expand[1], model.dw[1]):
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
-    x = np.random.default_rng(0).standard_normal((1, 8, 19, 23)).astype(np.float32)
-    onnx_model = export_onnx(model, (8, 19, 23), tmp_path / "block.onnx", 17, x)
-    compiled = compile_onnx(onnx_model.path, load_target("x86"), {"input": [1, 8, 19, 23]},
+    x = np.random.default_rng(0).standard_normal((1, 8, *size)).astype(np.float32)
+    onnx_model = export_onnx(model, (8, *size), tmp_path / "block.onnx", 17, x)
+    compiled = compile_onnx(onnx_model.path, load_target("x86"), {"input": [1, 8, *size]},
                             sparsify=SparsifyOptions((4, 1), 0.5))
+    from prune2tvm.compile.build import prepare_module
+
+    kernels = [g.name_hint for g in prepare_module(onnx_model.path, load_target("x86"), {"input": [1, 8, *size]},
+                                                   SparsifyOptions((4, 1), 0.5)).mod.functions]
+    assert any(k.startswith("pad_phases") for k in kernels) == phased
     assert compiled.info.verified
     dw = [d for d in compiled.info.layers if d["weight_shape"] == [32, 1, 3, 3]]
     assert len(dw) == 1 and dw[0]["kind"] == "dense"

@@ -126,3 +126,58 @@ def depthwise_reference(x, weight, bias, stride, padding, dilation):
             window = xp[:, :, kh * dh: kh * dh + sh * (oh - 1) + 1: sh, kw * dw: kw * dw + sw * (ow - 1) + 1: sw]
             out += window * weight[None, :, 0, kh, kw, None, None]
     return (out + bias[None, :, None, None]).astype(np.float32)
+
+
+PHASED_MIN_WIDTH = 16  # output columns (a fixed number: the rewrite and the kernel factory must agree)
+
+
+def phased_depthwise(s: DepthwiseShape) -> bool:
+    """Whether a depthwise conv reads its input split into stride phases: strided, with output
+    rows of at least ``PHASED_MIN_WIDTH``. Below that the split (a scalar copy) cost more than it saved
+    (measured alone: 192 channels 28 -> 14 and 576 at 14 -> 7 were 1.7-1.9x slower with it,
+    96 at 112 -> 56 and 144 at 56 -> 28 1.4-1.6x faster)."""
+    return s.stride != (1, 1) and s.out[1] >= PHASED_MIN_WIDTH
+
+
+def depthwise_phases_cpu(s: DepthwiseShape, layout, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE):
+    """A strided depthwise conv over its input split into stride phases
+    (``bsr_conv2d.PhaseLayout``, made by ``pad_phases_cpu``): every tap is a stride-1 read of
+    one phase plane, whole vectors, no bounds to check (measured alone: MobileNet V2's
+    stride-2 layers, which gathered every other element, 2-3x faster with the split included).
+    Arguments: the phases [N, planes*PH*PW], weight [C, KH*KW], bias [C], out [N, C, OH, OW]."""
+    N, C, (OH, OW), (KH, KW) = s.batch, s.channels, s.out, s.kernel
+    (SH, SW), (DH, DW), dtype = s.stride, s.dilation, s.dtype
+    (NPY, NPX), (PH, PW) = layout.phases, layout.plane
+    V = min(lanes, OW)
+    U = (OW + V - 1) // V
+    RT = min(ROWS_PER_TASK, OH)
+    BANDS = (OH + RT - 1) // RT
+    LO, HI = epilogue.low, epilogue.high
+
+    @T.prim_func(private=True)
+    def depthwise_phases(x: T.Buffer((N, C * NPY * NPX * PH * PW), dtype), weight: T.Buffer((C, KH * KW), dtype),
+                         bias: T.Buffer((C,), dtype), out: T.Buffer((N, C, OH, OW), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for task in T.parallel(N * C * BANDS):
+            acc = T.alloc_buffer((U, V), dtype)
+            for row in range(RT):
+                if (task % BANDS) * RT + row < OH:
+                    for u in T.unroll(U):
+                        for v in T.vectorized(V):
+                            acc[u, v] = T.cast(0, dtype)
+                    for kh in range(KH):
+                        for kw in T.unroll(KW):
+                            for u in T.unroll(U):
+                                for v in T.vectorized(V):
+                                    acc[u, v] = acc[u, v] + weight[task // BANDS % C, kh * KW + kw] * x[
+                                        task // (BANDS * C),
+                                        (((task // BANDS % C) * NPY + kh * DH % SH) * NPX + kw * DW % SW) * PH * PW
+                                        + ((task % BANDS) * RT + row + kh * DH // SH) * PW
+                                        + T.min(u * V, OW - V) + v + kw * DW // SW]
+                    for u in T.unroll(U):
+                        for v in T.vectorized(V):
+                            out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
+                                T.min(u * V, OW - V) + v] = T.min(T.max(
+                                    acc[u, v] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
+
+    return depthwise_phases
