@@ -12,8 +12,7 @@ from prune2tvm.compile import compile_onnx
 from prune2tvm.compile.build import SparsifyOptions
 from prune2tvm.compile.kernels.bsr_conv2d import PhaseLayout, pad_phases_cpu
 from prune2tvm.compile.kernels.bsr_matmul import Epilogue
-from prune2tvm.compile.kernels.depthwise_conv2d import (DepthwiseShape, depthwise_conv2d_cpu, depthwise_phases_cpu,
-                                                        depthwise_reference)
+from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, depthwise_conv2d_cpu, depthwise_reference
 from prune2tvm.config import load_target
 from prune2tvm.export import export_onnx
 from prune2tvm.onnxrt import session
@@ -53,7 +52,7 @@ def test_depthwise_kernel_matches_numpy(n, c, h, w, k, stride, pads, dilation):
             layout = PhaseLayout(c, (h, w), pads, (k, k), (stride, stride), (dilation, dilation))
             phases = run_kernel(pad_phases_cpu(n, layout), x, out_shape=(n, layout.planes * layout.plane[0]
                                                                          * layout.plane[1]))
-            got = run_kernel(depthwise_phases_cpu(shape, layout, 16, epilogue), phases, weight.reshape(c, -1), bias,
+            got = run_kernel(depthwise_conv2d_cpu(shape, 16, epilogue, layout), phases, weight.reshape(c, -1), bias,
                              out_shape=expected.shape)
             np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
 

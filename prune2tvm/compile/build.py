@@ -350,7 +350,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner."""
     from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
     from prune2tvm.compile.kernels.bsr_conv2d import PhaseLayout, bsr_conv2d_cpu, conv_search_space
-    from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu, depthwise_phases_cpu, phased_depthwise
+    from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu, phased_depthwise
     from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
                                                       search_space)
     from prune2tvm.compile.passes.decisions import in_graph_order
@@ -394,10 +394,9 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
             return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
 
         def depthwise_kernel(shape, epilogue):
-            if phased_depthwise(shape):
-                layout = PhaseLayout(shape.channels, shape.size, shape.pads, shape.kernel, shape.stride, shape.dilation)
-                return depthwise_phases_cpu(shape, layout, lanes, epilogue)
-            return depthwise_conv2d_cpu(shape, lanes, epilogue)
+            layout = PhaseLayout(shape.channels, shape.size, shape.pads, shape.kernel, shape.stride,
+                                 shape.dilation) if phased_depthwise(shape) else None
+            return depthwise_conv2d_cpu(shape, lanes, epilogue, layout)
 
         mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
                                               depthwise_kernel)

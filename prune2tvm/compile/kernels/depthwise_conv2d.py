@@ -41,17 +41,26 @@ class DepthwiseShape:
         return first, last
 
 
-def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE):
-    """Arguments: x [N, C, H, W] (unpadded), weight [C, KH*KW], bias [C], out [N, C, OH, OW].
+def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE, layout=None):
+    """Arguments: x, weight [C, KH*KW], bias [C], out [N, C, OH, OW].
 
-    The padding is never materialised: a tap row outside the input is skipped, the output
-    columns whose taps all lie inside the row are vectors without checks (a last vector
-    overlapping the one before it rather than leaving the interior), and the few border
-    columns are computed one by one with their taps checked."""
+    x is the unpadded input [N, C, H, W]: the padding is never materialised. A tap row outside
+    the input is skipped, the output columns whose taps all lie inside the row are vectors
+    without checks (a last vector overlapping the one before it rather than leaving the
+    interior), and the few border columns are computed one by one with their taps checked.
+
+    With ``layout`` (a ``bsr_conv2d.PhaseLayout``, see ``phased_depthwise``), x is the input
+    padded and split into stride phases [N, planes*PH*PW] (``pad_phases_cpu``): every tap is
+    a stride-1 read of one phase plane, all columns are vectors and nothing is checked
+    (measured alone: MobileNet V2's 112->56 and 56->28 layers 1.4-1.6x faster, the split
+    included, than gathering every other element)."""
     N, C, (H, W), (OH, OW), (KH, KW) = s.batch, s.channels, s.size, s.out, s.kernel
     (SH, SW), (DH, DW), dtype = s.stride, s.dilation, s.dtype
     TOP, LEFT = s.pads[0], s.pads[1]
-    FIRST, LAST = s.interior()
+    PHASED = layout is not None
+    (NPY, NPX), (PH, PW) = layout.phases if PHASED else (1, 1), layout.plane if PHASED else (1, 1)
+    X_SHAPE = (N, C * NPY * NPX * PH * PW) if PHASED else (N, C, H, W)
+    FIRST, LAST = (0, OW - 1) if PHASED else s.interior()
     if LAST < FIRST:  # no interior column at all: every column is a (left) border column
         FIRST, LAST = OW, OW - 1
     IW = LAST - FIRST + 1  # interior output columns
@@ -64,7 +73,7 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
     LO, HI = epilogue.low, epilogue.high
 
     @T.prim_func(private=True)
-    def depthwise_conv2d(x: T.Buffer((N, C, H, W), dtype), weight: T.Buffer((C, KH * KW), dtype),
+    def depthwise_conv2d(x: T.Buffer(X_SHAPE, dtype), weight: T.Buffer((C, KH * KW), dtype),
                          bias: T.Buffer((C,), dtype), out: T.Buffer((N, C, OH, OW), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for task in T.parallel(N * C * BANDS):
@@ -76,7 +85,16 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
                         for v in T.vectorized(V):
                             acc[u, v] = T.cast(0, dtype)
                     for kh in range(KH):
-                        if 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
+                        if PHASED:
+                            for kw in T.unroll(KW):
+                                for u in T.unroll(U):
+                                    for v in T.vectorized(V):
+                                        acc[u, v] = acc[u, v] + weight[task // BANDS % C, kh * KW + kw] * x[
+                                            task // (BANDS * C),
+                                            (((task // BANDS % C) * NPY + kh * DH % SH) * NPX + kw * DW % SW) * PH * PW
+                                            + ((task % BANDS) * RT + row + kh * DH // SH) * PW
+                                            + T.min(u * V, OW - V) + v + kw * DW // SW]
+                        elif 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
                                 and ((task % BANDS) * RT + row) * SH + kh * DH - TOP < H:
                             for kw in T.unroll(KW):
                                 for u in T.unroll(U):
@@ -90,21 +108,22 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
                             out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
                                 FIRST + T.min(u * V, IW - V) + v] = T.min(T.max(
                                     acc[u, v] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
-                    for e in range(NBORDER):
-                        one[0] = T.cast(0, dtype)
-                        for kh in range(KH):
-                            for kw in range(KW):
-                                if 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
-                                        and ((task % BANDS) * RT + row) * SH + kh * DH - TOP < H \
-                                        and 0 <= T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT \
-                                        and T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT < W:
-                                    one[0] = one[0] + weight[task // BANDS % C, kh * KW + kw] * x[
-                                        task // (BANDS * C), task // BANDS % C,
-                                        ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
-                                        T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT]
-                        out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
-                            T.Select(e < FIRST, e, e - FIRST + LAST + 1)] = T.min(T.max(
-                                one[0] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
+                    if not PHASED:  # phase planes hold the padding: no border columns
+                        for e in range(NBORDER):
+                            one[0] = T.cast(0, dtype)
+                            for kh in range(KH):
+                                for kw in range(KW):
+                                    if 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
+                                            and ((task % BANDS) * RT + row) * SH + kh * DH - TOP < H \
+                                            and 0 <= T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT \
+                                            and T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT < W:
+                                        one[0] = one[0] + weight[task // BANDS % C, kh * KW + kw] * x[
+                                            task // (BANDS * C), task // BANDS % C,
+                                            ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
+                                            T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT]
+                            out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
+                                T.Select(e < FIRST, e, e - FIRST + LAST + 1)] = T.min(T.max(
+                                    one[0] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
 
     return depthwise_conv2d
 
@@ -137,47 +156,3 @@ def phased_depthwise(s: DepthwiseShape) -> bool:
     (measured alone: 192 channels 28 -> 14 and 576 at 14 -> 7 were 1.7-1.9x slower with it,
     96 at 112 -> 56 and 144 at 56 -> 28 1.4-1.6x faster)."""
     return s.stride != (1, 1) and s.out[1] >= PHASED_MIN_WIDTH
-
-
-def depthwise_phases_cpu(s: DepthwiseShape, layout, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE):
-    """A strided depthwise conv over its input split into stride phases
-    (``bsr_conv2d.PhaseLayout``, made by ``pad_phases_cpu``): every tap is a stride-1 read of
-    one phase plane, whole vectors, no bounds to check (measured alone: MobileNet V2's
-    stride-2 layers, which gathered every other element, 2-3x faster with the split included).
-    Arguments: the phases [N, planes*PH*PW], weight [C, KH*KW], bias [C], out [N, C, OH, OW]."""
-    N, C, (OH, OW), (KH, KW) = s.batch, s.channels, s.out, s.kernel
-    (SH, SW), (DH, DW), dtype = s.stride, s.dilation, s.dtype
-    (NPY, NPX), (PH, PW) = layout.phases, layout.plane
-    V = min(lanes, OW)
-    U = (OW + V - 1) // V
-    RT = min(ROWS_PER_TASK, OH)
-    BANDS = (OH + RT - 1) // RT
-    LO, HI = epilogue.low, epilogue.high
-
-    @T.prim_func(private=True)
-    def depthwise_phases(x: T.Buffer((N, C * NPY * NPX * PH * PW), dtype), weight: T.Buffer((C, KH * KW), dtype),
-                         bias: T.Buffer((C,), dtype), out: T.Buffer((N, C, OH, OW), dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for task in T.parallel(N * C * BANDS):
-            acc = T.alloc_buffer((U, V), dtype)
-            for row in range(RT):
-                if (task % BANDS) * RT + row < OH:
-                    for u in T.unroll(U):
-                        for v in T.vectorized(V):
-                            acc[u, v] = T.cast(0, dtype)
-                    for kh in range(KH):
-                        for kw in T.unroll(KW):
-                            for u in T.unroll(U):
-                                for v in T.vectorized(V):
-                                    acc[u, v] = acc[u, v] + weight[task // BANDS % C, kh * KW + kw] * x[
-                                        task // (BANDS * C),
-                                        (((task // BANDS % C) * NPY + kh * DH % SH) * NPX + kw * DW % SW) * PH * PW
-                                        + ((task % BANDS) * RT + row + kh * DH // SH) * PW
-                                        + T.min(u * V, OW - V) + v + kw * DW // SW]
-                    for u in T.unroll(U):
-                        for v in T.vectorized(V):
-                            out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
-                                T.min(u * V, OW - V) + v] = T.min(T.max(
-                                    acc[u, v] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
-
-    return depthwise_phases
