@@ -21,7 +21,7 @@ import numpy as np
 
 from prune2tvm.errors import InputError, NumericalMismatchError, OutputExistsError
 from prune2tvm.fsutil import atomic_path, sha256_file, write_json
-from prune2tvm.runtime import MANIFEST_NAME, Model, check_files, is_archive, read_manifest
+from prune2tvm.runtime import ARCHIVE_SUFFIXES, MANIFEST_NAME, Model, check_files, is_archive, read_manifest
 
 
 @dataclass
@@ -95,7 +95,8 @@ def package(directory: str | os.PathLike, output: str | os.PathLike, force: bool
     import gzip
 
     directory, output = Path(directory), Path(output)
-    if not str(output).endswith((".tar.gz", ".tgz")):
+    suffix = next((x for x in ARCHIVE_SUFFIXES if output.name.endswith(x)), None)
+    if suffix is None:
         raise InputError(f"{output}: the package name must end in .tar.gz")
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to replace it")
@@ -105,7 +106,7 @@ def package(directory: str | os.PathLike, output: str | os.PathLike, force: bool
         why = manifest.get("not_verified_reason") or "no check recorded"
         raise NumericalMismatchError(f"{directory} is not verified against onnxruntime ({why}); run 'prune2tvm "
                                      f"verify {directory} --onnx MODEL.onnx' where it runs, or pass --force")
-    top = output.name[: -len(".tar.gz")] if output.name.endswith(".tar.gz") else output.name[: -len(".tgz")]
+    top = output.name[: -len(suffix)]
     try:
         mtime = datetime.datetime.fromisoformat(manifest.get("created", "")).timestamp()
     except ValueError:

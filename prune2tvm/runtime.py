@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from prune2tvm.errors import InputError, Prune2TVMError, UnsupportedError
+from prune2tvm.fsutil import atomic_path, sha256_file
 
 LIBRARY_NAME = "model.so"
 MANIFEST_NAME = "manifest.json"
@@ -148,14 +148,6 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _safe_relative(name: str) -> bool:
     parts = Path(name).parts
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\\" not in name
@@ -172,7 +164,7 @@ def check_files(directory: str | os.PathLike, manifest: dict, label: str | None 
             raise InputError(f"{where}/{MANIFEST_NAME}: files: {name!r} is not a file name inside the artifact")
         if path.is_symlink() or not path.is_file():
             raise InputError(f"{where}: {name} is missing (listed in {MANIFEST_NAME})")
-        if sha256_of(path) != digest:
+        if sha256_file(path) != digest:
             raise InputError(f"{where}: {name} does not match its sha256 in {MANIFEST_NAME} "
                              f"(modified or corrupted); refusing to load it")
     for path in sorted(directory.rglob("*")):
@@ -212,11 +204,15 @@ def host_cpu_flags() -> set[str]:
     return set()
 
 
-def check_fits_here(manifest: dict, where: str = "the artifact") -> None:
-    """Refuse, with the reason, an artifact for another TVM version, CPU or GPU."""
+def check_tvm_version(manifest: dict, where: str = "the artifact") -> None:
     here = tvm_version()
     if manifest.get("tvm_version") != here:
         raise UnsupportedError(f"{where} was built with TVM {manifest.get('tvm_version')}; this runtime is TVM {here}")
+
+
+def check_fits_here(manifest: dict, where: str = "the artifact") -> None:
+    """Refuse, with the reason, an artifact for another TVM version, CPU or GPU."""
+    check_tvm_version(manifest, where)
     machine = manifest["machine"]
     if machine.get("kind") == "cuda":
         import tvm
@@ -442,8 +438,6 @@ def main(argv: list[str] | None = None) -> int:
             outputs = model(read_inputs(args.inputs, model.inputs))
         finally:
             model.close()
-        from prune2tvm.fsutil import atomic_path
-
         with atomic_path(args.outputs) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **outputs)

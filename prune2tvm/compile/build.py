@@ -31,7 +31,8 @@ from prune2tvm.onnxrt import compare, session
 from prune2tvm.progress import phase, say
 
 from prune2tvm.runtime import (ARTIFACT_FORMAT, ARTIFACT_VERSION, CPU_FEATURES, LIBRARY_NAME, MANIFEST_NAME,
-                               check_files, configure_threads, read_manifest, without_native_noise)
+                               check_files, check_tvm_version, configure_threads, read_manifest,
+                               without_native_noise)
 
 configure_threads()  # before any kernel runs in this process, and inherited by tuning workers
 TUNING_DIR = "tuning"  # the tuning records a build used, when packed into its artifact
@@ -490,8 +491,7 @@ def load_compiled(directory: str | os.PathLike, target: TargetConfig | None = No
         info = CompileInfo.from_json(data)
     except (TypeError, KeyError) as exc:
         raise InputError(f"{directory}/{MANIFEST_NAME}: unreadable ({type(exc).__name__}: {exc})") from None
-    if info.tvm_version != tvm.__version__:
-        raise UnsupportedError(f"{directory} was built with TVM {info.tvm_version}; this is TVM {tvm.__version__}")
+    check_tvm_version(data, str(directory))
     if target is None:
         saved = {k: v for k, v in info.target.items() if k != "path"}
         target = from_dict(_Target, saved, f"{directory}/{MANIFEST_NAME}: target.")
