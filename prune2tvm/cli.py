@@ -89,6 +89,48 @@ def run(pipeline: str, target: str | None, output: str | None, data_path: str | 
     click.echo(f"wrote {out}/report.md, {out}/report.json, {out}/accuracy_vs_latency.png")
 
 
+@cli.command()
+@click.argument("pipeline")
+@click.option("--sparsity", "-s", "sparsities", required=True,
+              help="Final sparsities, comma-separated, each in (0, 1), e.g. 0.5,0.8,0.9.")
+@click.option("--bsr", "blocks", default="1,4", show_default=True,
+              help="Block sizes R (R x 1 blocks for pruning and BSR kernels; 1: element-wise), comma-separated.")
+@click.option("--method", type=click.Choice(["agp", "1xN", "gsm", "filter", "oneshot"]), default=None,
+              help="Pruning method (default: the pipeline's prune.method).")
+@click.option("--target", "-t", help="Target name or YAML file; overrides the pipeline's compile.target.")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Sweep directory (default: runs/<name>-sweep-<target>); a re-run there resumes.")
+@click.option("--max-accuracy-drop", default=0.01, show_default=True, type=float,
+              help="The per-layer view shows the fastest Pareto variant within this much of dense accuracy.")
+@click.option("--data-path", default=None, help="Overrides data.path (the directory of a file dataset).")
+@click.option("--checkpoint", default=None, help="Overrides model.checkpoint (a state dict to start from).")
+@click.option("--db", "db_dir", type=click.Path(file_okay=False),
+              help="Tuning database for the dense kernels (default: the target's, where 'prune2tvm tune' put it).")
+@click.option("--no-db", is_flag=True, help="Build with TVM's default schedules even where a tuning database exists.")
+@click.option("--force", is_flag=True, help="Recompute every variant instead of reusing stored ones.")
+def sweep(pipeline: str, sparsities: str, blocks: str, method: str | None, target: str | None, output: str | None,
+          max_accuracy_drop: float, data_path: str | None, checkpoint: str | None, db_dir: str | None, no_db: bool,
+          force: bool) -> None:
+    """Accuracy against measured latency over sparsities x block sizes on one target: prune,
+    export, compile, verify, evaluate and measure each variant; report the Pareto front and
+    where the time goes. Resumable: finished variants are reused."""
+    import dataclasses
+
+    from prune2tvm.config import PIPELINES_DIR, load_pipeline, resolve_named_file
+    from prune2tvm.sweep import SweepOptions, parse_list, run_sweep
+
+    cfg = load_pipeline(pipeline)
+    if data_path is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_path))
+    if checkpoint is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=checkpoint))
+    source = str(resolve_named_file(pipeline, PIPELINES_DIR, "pipeline"))
+    options = SweepOptions(parse_list(sparsities, "--sparsity"), parse_list(blocks, "--bsr", int), method, target,
+                           output, force, max_accuracy_drop, db_dir, no_db)
+    out = run_sweep(cfg, options, source)
+    click.echo(f"wrote {out}/report.md, {out}/report.json, {out}/accuracy_vs_latency.png")
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -241,8 +283,9 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     tgt = load_target(target or DEFAULT_TARGET)
     shapes = _input_shapes(model, batch_size, input_shapes)
     from prune2tvm.compile import compile_onnx
+    from prune2tvm.compile.tune import open_database
 
-    database = None if no_db else _open_database(tgt, db_dir, create=False)
+    database = None if no_db else open_database(tgt, db_dir, create=False)
     with staged_dir(output, force=force, what="a compiled model") as stage:
         compiled = compile_onnx(model, tgt, shapes, sparsify=sparsify, database=database, fast_math=fast_math)
         compiled.save(stage, include_tuning=include_tuning)
@@ -307,19 +350,6 @@ def _input_shapes(model: str, batch_size: int, overrides: tuple[str, ...]) -> di
     return shapes
 
 
-def _open_database(target, db_dir: str | None, create: bool):
-    """The tuning database to use: ``db_dir``, else the target's default one if it exists
-    (or is to be created)."""
-    from prune2tvm.compile.tune import META_NAME, TuningDatabase, database_dir
-
-    path = database_dir(target, db_dir)
-    if not create and not (path / META_NAME).exists():
-        if db_dir:
-            raise InputError(f"--db {db_dir}: no tuning database there (run 'prune2tvm tune ... --db {db_dir}' first)")
-        return None
-    return TuningDatabase(path, target, create=create)
-
-
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", default=None, help="Target name or YAML file (default: x86, the host CPU).")
@@ -356,7 +386,7 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     sparsify = _sparsify_options(block_rows, block_cols, threshold)
     tgt = load_target(target or DEFAULT_TARGET)
     from prune2tvm.compile.remote import RpcDevice
-    from prune2tvm.compile.tune import check_can_measure
+    from prune2tvm.compile.tune import check_can_measure, open_database
 
     if rpc_key and not rpc_tracker:
         raise InputError("--rpc-key needs --rpc-tracker HOST:PORT")
@@ -367,7 +397,7 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     if Path(output).exists() and not force:
         raise OutputExistsError(f"a compiled model already exists at {output}; pass --force to replace it")
     shapes = _input_shapes(model, batch_size, input_shapes)
-    database = _open_database(tgt, db_dir, create=True)
+    database = open_database(tgt, db_dir, create=True)
     click.echo(f"tuning database: {database.path}")
     from prune2tvm.compile import compile_onnx
     from prune2tvm.compile.build import prepare_module
@@ -496,12 +526,29 @@ def package(directory: str, output: str, force: bool) -> None:
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-def report(run_dirs: tuple[str, ...]) -> None:
-    """Regenerate report.md and the plot of a run directory from its report.json."""
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="With several run directories: where comparison.md and comparison.png go (default: runs/comparison).")
+@click.option("--force", is_flag=True, help="Replace an existing comparison.")
+def report(run_dirs: tuple[str, ...], output: str | None, force: bool) -> None:
+    """Regenerate report.md and the plot of each run or sweep directory from its report.json;
+    with several, also put them side by side (e.g. one sweep per target)."""
+    from prune2tvm.errors import OutputExistsError
     from prune2tvm.report import load_report, write_report
+    from prune2tvm.report.sweep import COMPARE_MD, write_comparison
 
-    for run_dir in run_dirs:
-        written = write_report(load_report(run_dir), run_dir)
+    reports = [load_report(run_dir) for run_dir in run_dirs]  # all read before anything is written
+    if len(reports) > 1:
+        out = Path(output or "runs/comparison")
+        if (out / COMPARE_MD).exists() and not force:
+            raise OutputExistsError(f"a comparison already exists at {out}; pass --force to replace it, or -o DIR")
+    elif output:
+        raise click.UsageError("--output goes with several run directories (a comparison); "
+                               "one run's report is regenerated in place")
+    for run_dir, loaded in zip(run_dirs, reports):
+        written = write_report(loaded, run_dir)
+        click.echo("wrote " + ", ".join(str(p) for p in written))
+    if len(reports) > 1:
+        written = write_comparison(reports, list(run_dirs), out)
         click.echo("wrote " + ", ".join(str(p) for p in written))
 
 

@@ -177,12 +177,30 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     path: Optional[str] = None  # cifar10, mnist, imagefolder: the directory of the user's files
     image_size: Optional[list[int]] = None  # imagefolder: [H, W] every image is resized to (224x224)
+    shape: Optional[list[int]] = None  # synthetic: one sample's shape, e.g. [3, 224, 224] or [128, 768]
+    num_classes: Optional[int] = None  # synthetic: the model's number of outputs
+    samples: int = 100  # synthetic: how many random samples, over the three splits
+
+    @property
+    def synthetic(self) -> bool:
+        return self.dataset == "synthetic"
 
     def check(self, where: str) -> None:
         from prune2tvm.data import DATASETS
 
         if self.dataset not in DATASETS:
             raise ConfigError(f"{where}dataset: {self.dataset!r} is not a known dataset; valid choices: {', '.join(DATASETS)}")
+        if self.synthetic:
+            if not self.shape or any(not isinstance(d, int) or d < 1 for d in self.shape):
+                raise ConfigError(f"{where}shape: {self.shape} is not valid for synthetic data; "
+                                  "valid: one sample's shape, positive integers, e.g. [3, 224, 224]")
+            if self.num_classes is None or self.num_classes < 2:
+                raise ConfigError(f"{where}num_classes: {self.num_classes} is not valid for synthetic data; valid: >= 2")
+            if self.samples < 3:
+                raise ConfigError(f"{where}samples: {self.samples} is too few; valid: >= 3 (one per split)")
+        elif self.shape is not None or self.num_classes is not None:
+            raise ConfigError(f"{where}shape/num_classes: only synthetic data takes them ({self.dataset} has its own); "
+                              "remove the keys")
         if self.image_size is not None and (len(self.image_size) != 2 or any(d < 1 for d in self.image_size)):
             raise ConfigError(f"{where}image_size: {self.image_size} is not valid; valid: [H, W], two positive integers")
         if len(self.split) != 3 or any(s <= 0 for s in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
@@ -250,10 +268,12 @@ class PruneConfig:
     (Global Sparse Momentum, element or block granularity, always global) trains with GSM
     until ``end_epoch``, then holds the mask for the remaining fine-tuning epochs. Method
     ``filter`` removes that fraction of filters at once (ranked by ``criterion``), thins the
-    model (BatchNorms, next layers, residual and concat partners) and fine-tunes it.
+    model (BatchNorms, next layers, residual and concat partners) and fine-tunes it. Method
+    ``oneshot`` prunes to the final sparsity at once by magnitude, with no fine-tuning (a
+    latency study of a model whose training data is not at hand).
     """
 
-    method: Literal["agp", "1xN", "gsm", "filter"] = "agp"
+    method: Literal["agp", "1xN", "gsm", "filter", "oneshot"] = "agp"
     granularity: Literal["element", "block", "filter", "channel"] = "element"
     block: list[int] = field(default_factory=lambda: [4, 1])
     scope: Literal["layer", "global"] = "layer"
@@ -325,7 +345,7 @@ class PruneConfig:
             raise ConfigError(
                 f"{where}frequency: {self.frequency} does not divide end_epoch - start_epoch "
                 f"({self.end_epoch - self.start_epoch}); valid: a divisor of it")
-        if self.unit == "epoch" and self.fine_tune_epochs <= self.end_epoch:
+        if self.method != "oneshot" and self.unit == "epoch" and self.fine_tune_epochs <= self.end_epoch:
             raise ConfigError(f"{where}fine_tune_epochs: {self.fine_tune_epochs} must exceed end_epoch ({self.end_epoch})")
         if self.lr is not None:
             _positive(f"{where}lr", self.lr)

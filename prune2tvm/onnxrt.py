@@ -29,3 +29,48 @@ def compare(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-4, atol: 
     diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
     tolerance = atol + rtol * float(np.max(np.abs(expected))) if expected.size else atol
     return diff, tolerance, diff <= tolerance
+
+
+WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def profile_weight_layers(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int = 20,
+                          threads: int | None = None) -> dict:
+    """onnxruntime's own per-node profile of the model: ``total_ms`` (every node's kernel time
+    per call) and ``layers`` (ms per call of each Conv / MatMul / Gemm, keyed by its weight
+    initializer). Basic graph optimizations only, so nodes keep their names."""
+    import json
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    weight_of = {n.name: n.input[1] for n in model.graph.node
+                 if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in initializers}
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "ort")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    total, layers = 0.0, {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        ms = event.get("dur", 0) / 1e3 / runs
+        total += ms
+        node = name[: -len("_kernel_time")]
+        if node in weight_of:
+            layers[weight_of[node]] = layers.get(weight_of[node], 0.0) + ms
+    return {"total_ms": total, "layers": layers, "runs": runs}

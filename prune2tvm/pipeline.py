@@ -62,13 +62,7 @@ def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> 
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=options.data_path))
     if options.checkpoint is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=options.checkpoint))
-    from prune2tvm.errors import ConfigError, InputError
-
-    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
-        raise InputError(f"model.checkpoint: {cfg.model.checkpoint} is not a file")
-    if cfg.train.epochs == 0 and cfg.model.checkpoint is None:
-        raise ConfigError("train.epochs: 0 trains nothing and there is no model.checkpoint to start from; "
-                          "valid: epochs >= 1, or give model.checkpoint (or --checkpoint)")
+    check_starting_point(cfg)
     target, out_dir = resolve(cfg, options)
     from prune2tvm.distributed import init_from_env, world
 
@@ -94,15 +88,27 @@ def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> 
     return out_dir
 
 
+def check_starting_point(cfg: PipelineConfig) -> None:
+    """The dense model must come from somewhere: training, a checkpoint, or (synthetic data,
+    latency only) random weights."""
+    from prune2tvm.errors import ConfigError, InputError
+
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
+        raise InputError(f"model.checkpoint: {cfg.model.checkpoint} is not a file")
+    if cfg.train.epochs == 0 and cfg.model.checkpoint is None and not cfg.data.synthetic:
+        raise ConfigError("train.epochs: 0 trains nothing and there is no model.checkpoint to start from; "
+                          "valid: epochs >= 1, or give model.checkpoint (or --checkpoint)")
+
+
 def train_dense(cfg: PipelineConfig):
     """The pipeline's data and its dense model (from model.checkpoint if given, then trained
     for train.epochs), in eval mode; also what ``prune2tvm sensitivity`` analyses."""
-    from prune2tvm.data import load_dataset
+    from prune2tvm.data import load_configured
     from prune2tvm.models import build_model
     from prune2tvm.train import make_optimizer, seed_everything, train_epochs
 
     with phase("data", f"{cfg.data.dataset}, split {cfg.data.split}, seed {cfg.seed}"):
-        data = load_dataset(cfg.data.dataset, cfg.data.split, cfg.seed, cfg.data.path, cfg.data.image_size)
+        data = load_configured(cfg.data, cfg.seed)
         say(f"  train {len(data.train)}, val {len(data.val)}, test {len(data.test)} samples of shape {data.input_shape}")
 
     start = f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""
@@ -118,6 +124,12 @@ def train_dense(cfg: PipelineConfig):
         if history:
             say(f"  loss {history[-1].loss:.4f}, val accuracy {history[-1].val_accuracy:.4f}")
         dense.eval()
+    if cfg.data.synthetic:  # random inputs have no labels: the dense model's classes stand in
+        from prune2tvm.data.synthetic import relabel
+        from prune2tvm.train import predict_torch
+
+        data = relabel(data, lambda x: predict_torch(dense, x))
+        say("  synthetic data: labels are the dense model's predictions, so accuracy is agreement with it")
     return data, dense, history
 
 
@@ -125,35 +137,46 @@ def train_and_prune(cfg: PipelineConfig):
     """Data, the dense model, and every pruned variant: the stages that train. Under torchrun
     every process runs these (DistributedDataParallel keeps them identical); only rank 0 goes
     on to export, compile, measure and report."""
-    from prune2tvm.prune.agp_prune import PruneResult, agp_prune
-    from prune2tvm.prune.filters import filter_prune
-    from prune2tvm.prune.gsm import gsm_prune
+    from prune2tvm.prune.agp_prune import PruneResult
     from prune2tvm.prune.masks import layer_sparsity
-    from prune2tvm.train import seed_everything
 
     data, dense, history = train_dense(cfg)
     variants = [PruneResult("dense", dense, 0.0, layer_sparsity(dense, cfg.prune.layers), history)]
-
     for final in cfg.prune.sparsities:
-        name = f"{cfg.prune.method}-{round(100 * final)}"
-        gsm = cfg.prune.method == "gsm"
-        what = (f"{'GSM' if gsm else 'AGP'} on {cfg.prune.granularity_spec()}, {'global' if gsm else cfg.prune.scope} "
-                f"scope{', filters rearranged' if cfg.prune.does_rearrange else ''}, to {final}")
-        if cfg.prune.method == "filter":
-            what = f"{final} of the filters by {cfg.prune.criterion} ({cfg.prune.scope} scope) thinned"
-        with phase("prune", f"{name}: {what}, {cfg.prune.fine_tune_epochs} fine-tuning epochs"):
-            seed_everything(cfg.seed)
-            method = {"gsm": gsm_prune, "filter": filter_prune}.get(cfg.prune.method, agp_prune)
-            result = method(dense, data, cfg.prune, cfg.train, final, cfg.seed, name)
-            for layer, why in result.skipped.items():
-                say(f"  {layer}: {why}")
-            say(f"  measured sparsity {result.sparsity:.4f}, val accuracy {result.history[-1].val_accuracy:.4f}")
-        variants.append(result)
+        variants.append(prune_variant(cfg.prune, cfg.train, cfg.seed, dense, data, final,
+                                      f"{cfg.prune.method}-{round(100 * final)}"))
 
     if cfg.prune.sensitivity is not None:
         variants += _sensitivity_variants(cfg, dense, data)
 
     return data, variants
+
+
+def prune_variant(prune, train, seed: int, dense, data, final: float, name: str):
+    """One pruned variant of ``dense`` by ``prune.method`` to ``final`` sparsity."""
+    from prune2tvm.prune.agp_prune import agp_prune, oneshot_prune
+    from prune2tvm.prune.filters import filter_prune
+    from prune2tvm.prune.gsm import gsm_prune
+    from prune2tvm.train import seed_everything
+
+    gsm = prune.method == "gsm"
+    what = (f"{'GSM' if gsm else 'AGP'} on {prune.granularity_spec()}, {'global' if gsm else prune.scope} "
+            f"scope{', filters rearranged' if prune.does_rearrange else ''}, to {final}, "
+            f"{prune.fine_tune_epochs} fine-tuning epochs")
+    if prune.method == "filter":
+        what = f"{final} of the filters by {prune.criterion} ({prune.scope} scope) thinned, " \
+               f"{prune.fine_tune_epochs} fine-tuning epochs"
+    if prune.method == "oneshot":
+        what = f"one shot by magnitude on {prune.granularity_spec()}, {prune.scope} scope, to {final}, no fine-tuning"
+    with phase("prune", f"{name}: {what}"):
+        seed_everything(seed)
+        method = {"gsm": gsm_prune, "filter": filter_prune, "oneshot": oneshot_prune}.get(prune.method, agp_prune)
+        result = method(dense, data, prune, train, final, seed, name)
+        for layer, why in result.skipped.items():
+            say(f"  {layer}: {why}")
+        tail = f", val accuracy {result.history[-1].val_accuracy:.4f}" if result.history else ""
+        say(f"  measured sparsity {result.sparsity:.4f}{tail}")
+    return result
 
 
 def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: str) -> None:

@@ -34,6 +34,10 @@ def test_pipeline_round_trips_through_a_dict():
 
 @pytest.mark.parametrize("body, expected", [
     ("name: x\ntrian: {epochs: 3}\n", ["trian: unknown key", "valid keys:", "train"]),
+    ("name: x\ndata: {dataset: synthetic, num_classes: 10}\n", ["data.shape: None is not valid for synthetic data"]),
+    ("name: x\ndata: {dataset: synthetic, shape: [3, 0], num_classes: 10}\n", ["data.shape: [3, 0] is not valid"]),
+    ("name: x\ndata: {dataset: synthetic, shape: [8], num_classes: 1}\n", ["data.num_classes: 1 is not valid"]),
+    ("name: x\ndata: {shape: [1, 8, 8]}\n", ["only synthetic data takes them", "remove the keys"]),
     ("name: x\nprune: {sparsities: [0.5, 1.5]}\n", ["prune.sparsities[1]", "1.5 is out of range", "value < 1"]),
     ("name: x\nprune: {sparsities: [-0.1]}\n", ["prune.sparsities[0]", "out of range"]),
     ("name: x\ntrain: {epochs: three}\n", ["train.epochs", "expected an integer"]),

@@ -93,3 +93,22 @@ def test_depthwise_convs_take_the_kernel_with_bias_and_relu6_fused(tmp_path, siz
     assert dw[0]["reason"] == "depthwise conv (groups=32): dense, prune2tvm's depthwise kernel; bias fused; clip[0, 6] fused"
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(onnx_model.path).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_dense_conv_with_relu6_feeding_a_phased_depthwise_conv_builds_with_a_database(tmp_path):
+    """MobileNet V2 with every conv dense (a sweep's dense baseline: threshold 1), built with a
+    tuning database: the ReLU6 of a dense expand conv feeds the stride-phase copy of a
+    depthwise conv. FuseOps used to fuse them into one function that FuseTIR refused
+    ("Inconsistent buffers T_minimum and x mapped to the same relax var")."""
+    from prune2tvm.compile.tune import TuningDatabase
+    from prune2tvm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", (3, 64, 64), 10).eval()
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    onnx_model = export_onnx(model, (3, 64, 64), tmp_path / "dense.onnx", 17, x)
+    target = load_target("x86")
+    compiled = compile_onnx(onnx_model.path, target, {"input": [1, 3, 64, 64]}, sparsify=SparsifyOptions((1, 1), 1.0),
+                            database=TuningDatabase(tmp_path / "db", target, create=True))
+    assert compiled.info.verified
+    assert {d["kind"] for d in compiled.info.layers} == {"dense"}

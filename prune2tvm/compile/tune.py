@@ -54,6 +54,17 @@ def database_dir(target: TargetConfig, override: str | os.PathLike | None = None
     return default_cache_dir() / "tuning" / f"{target.name}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
 
 
+def open_database(target: TargetConfig, db_dir: str | os.PathLike | None, create: bool):
+    """The tuning database to use: ``db_dir``, else the target's default one if it exists
+    (or is to be created)."""
+    path = database_dir(target, db_dir)
+    if not create and not (path / META_NAME).exists():
+        if db_dir:
+            raise InputError(f"--db {db_dir}: no tuning database there (run 'prune2tvm tune ... --db {db_dir}' first)")
+        return None
+    return TuningDatabase(path, target, create=create)
+
+
 class TuningDatabase:
     """A meta_schedule JSON database in a directory, with what it was made for in meta.json.
 

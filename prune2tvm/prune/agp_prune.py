@@ -134,3 +134,20 @@ def _per_layer_masks(layers, granularity, targets, fraction, sensitivities):
     if sensitivities is not None:
         return threshold_masks(layers, sensitivities, scale=fraction)
     return {n: layer_masks({n: layer}, granularity, targets[n] * fraction)[n] for n, layer in layers.items()}
+
+
+def oneshot_prune(dense: nn.Module, data: DatasetSplits, prune: PruneConfig, train: TrainConfig,
+                  final_sparsity: float, seed: int, name: str) -> PruneResult:
+    """Magnitude pruning to ``final_sparsity`` at once, at the configured granularity and
+    scope, with no fine-tuning: the latency of a sparsity pattern, not a trained model."""
+    model = copy.deepcopy(dense)
+    granularity = prune.granularity_spec()
+    layers, skipped = pruning_layers(model, prune, granularity)
+    holder = MaskHolder(layers)
+    holder.set_sparsity(final_sparsity, granularity, prune.scope)
+    holder.apply()
+    model.eval()
+    plan = PruningPlan.from_model(model, holder.masks, granularity, prune.method, {},
+                                  input_shape=list(data.input_shape))
+    return PruneResult(name, model, final_sparsity, layer_sparsity(model, list(layers)), [], [final_sparsity], plan,
+                       skipped)

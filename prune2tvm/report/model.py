@@ -25,6 +25,17 @@ class Variant:
     checks: dict = field(default_factory=dict)  # numerical checks: export and compile
     compiled_layers: list[dict] = field(default_factory=list)  # per weight layer: dense or BSR, and why
     summary: list[dict] = field(default_factory=list)  # Distiller-style per-layer sparsity and MACs
+    # sweeps: latency_ms also has "tvm_dense" (the dense model's TVM build, measured alongside)
+    block: list[int] | None = None  # the BSR block the variant was compiled with
+    top5: dict[str, float] = field(default_factory=dict)  # backend -> top-5 (more than 5 classes)
+    params: dict = field(default_factory=dict)  # {"total", "nonzero"} over the whole model
+    macs: dict = field(default_factory=dict)  # {"dense", "effective"} over the prunable layers
+    size_bytes: dict = field(default_factory=dict)  # {"onnx", "artifact"} on disk
+    profile: dict | None = None  # measure.profile.Profile: each layer's kernel time
+    reference_profile: dict | None = None  # dense variant: onnxruntime.profile_weight_layers of its ONNX
+    ideal_ms: float | None = None  # FLOP-proportional ideal: ORT dense x (1 - the pruned share of its time)
+    error: str | None = None  # the variant could not be made (reported, the sweep went on)
+    key: str = ""  # the hash of the configuration it was computed from
 
     def speedup(self) -> float | None:
         """onnxruntime median / TVM median."""
@@ -32,6 +43,17 @@ class Variant:
             return self.latency_ms["onnxruntime"]["median"] / self.latency_ms["tvm"]["median"]
         except (KeyError, ZeroDivisionError):
             return None
+
+    def over_dense(self) -> float | None:
+        """TVM dense median / TVM (sparse) median, measured side by side (sweeps)."""
+        try:
+            return self.latency_ms["tvm_dense"]["median"] / self.latency_ms["tvm"]["median"]
+        except (KeyError, ZeroDivisionError):
+            return None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and "tvm" in self.latency_ms
 
 
 @dataclass
@@ -48,16 +70,47 @@ class Report:
     created: str = ""
     notes: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    kind: str = "run"  # or "sweep"
+    quality: str = "test accuracy"  # what the accuracy columns measure
+    max_accuracy_drop: float = 0.01  # sweeps: the chosen variant is within this of dense
     format_version: int = REPORT_FORMAT_VERSION
 
     def to_json(self) -> dict:
         return asdict(self)
 
+    def pareto(self) -> list[Variant]:
+        """Variants no other beats on both TVM accuracy and TVM latency, fastest first."""
+        done = [v for v in self.variants if v.ok and "tvm" in v.accuracy]
+        front = [v for v in done if not any(
+            o.accuracy["tvm"] >= v.accuracy["tvm"] and o.latency_ms["tvm"]["median"] <= v.latency_ms["tvm"]["median"]
+            and (o.accuracy["tvm"] > v.accuracy["tvm"] or o.latency_ms["tvm"]["median"] < v.latency_ms["tvm"]["median"])
+            for o in done)]
+        return sorted(front, key=lambda v: v.latency_ms["tvm"]["median"])
+
+    @property
+    def latency_only(self) -> bool:
+        """Synthetic inputs: accuracy is only agreement with the dense model."""
+        return "synthetic" in self.quality
+
+    def chosen(self) -> Variant | None:
+        """The fastest Pareto variant within ``max_accuracy_drop`` of the dense model's accuracy
+        (latency only: the fastest variant)."""
+        if self.latency_only:
+            done = [v for v in self.variants if v.ok]
+            return min(done, key=lambda v: v.latency_ms["tvm"]["median"]) if done else None
+        dense = next((v for v in self.variants if v.method == "dense" and v.ok), None)
+        front = self.pareto()
+        if dense is None or "tvm" not in dense.accuracy:
+            return front[0] if front else None
+        good = [v for v in front if v.accuracy["tvm"] >= dense.accuracy["tvm"] - self.max_accuracy_drop - 1e-9]
+        return good[0] if good else dense
+
     @classmethod
     def from_json(cls, data: dict) -> "Report":
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        data["variants"] = [Variant(**v) for v in data["variants"]]
+        variant_fields = {f.name for f in fields(Variant)}
+        data["variants"] = [Variant(**{k: x for k, x in v.items() if k in variant_fields}) for v in data["variants"]]
         return cls(**data)
 
 

@@ -13,8 +13,14 @@ PLOT_PNG = "accuracy_vs_latency.png"
 def write_report(report: Report, run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     write_json(run_dir / REPORT_JSON, report.to_json())
-    write_text(run_dir / REPORT_MD, render_markdown(report))
-    write_plot(report, run_dir / PLOT_PNG)
+    if report.kind == "sweep":
+        from prune2tvm.report.sweep import render_sweep, write_sweep_plot
+
+        write_text(run_dir / REPORT_MD, render_sweep(report))
+        write_sweep_plot([report], run_dir / PLOT_PNG)
+    else:
+        write_text(run_dir / REPORT_MD, render_markdown(report))
+        write_plot(report, run_dir / PLOT_PNG)
     return [run_dir / REPORT_JSON, run_dir / REPORT_MD, run_dir / PLOT_PNG]
 
 

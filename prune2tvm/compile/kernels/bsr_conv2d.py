@@ -17,6 +17,11 @@ from tvm.script import tirx as T
 
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 
+# Relax's op-pattern kind "opaque" for the layout copies: their loops look elementwise to
+# AnnotateTIROpPattern, and FuseOps then fused a ReLU6 before them into one function that
+# FuseTIR refused ("Inconsistent buffers T_minimum and x"), as soon as a dense conv fed one.
+OPAQUE = 8
+
 
 @dataclass(frozen=True)
 class BsrConv2dShape:
@@ -188,7 +193,7 @@ def pad_flat_cpu(batch: int, channels: int, height: int, width: int, pads: tuple
     # well-formedness check does not know root blocks, hence check_well_formed=False).
     @T.prim_func(private=True, check_well_formed=False)
     def pad_flat(x: T.Buffer((N, C, H, W), dtype), out: T.Buffer((N, C * PH * PW), dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             for nc in T.parallel(N * C):
                 for r in range(PH):
@@ -259,7 +264,7 @@ def pad_phases_cpu(batch: int, layout: PhaseLayout, dtype: str = "float32"):
 
     @T.prim_func(private=True, check_well_formed=False)
     def pad_phases(x: T.Buffer((N, C, H, W), dtype), out: T.Buffer((N, C * NP * PH * PW), dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             for t in T.parallel(N * C * NP * PH):
                 for j in range(PW):

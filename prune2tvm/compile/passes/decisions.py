@@ -30,6 +30,7 @@ class LayerDecision:
     position: int = UNKNOWN_POSITION  # the layer's node index in the ONNX graph
     dense_ms: float | None = None  # measured by --sparsity auto
     bsr_ms: float | None = None
+    density: float | None = None  # fraction of the weight's elements that are nonzero (None: not constant)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -75,6 +76,8 @@ class DecisionLog:
         found = self._names(weight_matrix) if (self._names and weight_matrix is not None) else None
         position, name = found if found else (UNKNOWN_POSITION, f"{op}{len(self._seen)}")
         decision = LayerDecision(name, op, shape, list(block), None, "dense", "", position)
+        if weight_matrix is not None and weight_matrix.size:
+            decision.density = float(np.count_nonzero(weight_matrix)) / weight_matrix.size
         self._seen[tvm_ffi.structural_hash(call)] = decision
         return decision
 
