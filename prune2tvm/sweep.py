@@ -439,9 +439,9 @@ class Sweep:
     def _write_report(self, variants: list) -> None:
         import onnxruntime
         import torch
-        import tvm
 
         from prune2tvm.report import Report, write_report
+        from prune2tvm.runtime import tvm_version
 
         dense = next((v for v in variants if v.method == "dense"), None)
         for v in variants:
@@ -450,7 +450,7 @@ class Sweep:
         report = Report(
             pipeline=self.cfg.name,
             target={"name": self.target.name, "tvm": self.target.tvm, "threads": self._threads()},
-            tvm_version=tvm.__version__, batch_size=self.cfg.measure.batch_size, variants=variants,
+            tvm_version=tvm_version(), batch_size=self.cfg.measure.batch_size, variants=variants,
             pipeline_file=self.source, prune2tvm_version=prune2tvm.__version__, torch_version=torch.__version__,
             onnxruntime_version=onnxruntime.__version__,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
