@@ -107,7 +107,7 @@ def test_report_numbers_are_the_ones_the_artifacts_reproduce(sweep):
     for v in report["variants"][::2]:
         model = Model(out / v["files"]["tvm"])
         try:
-            preds = model({model.inputs[0]["name"]: x})[model.outputs[0]["name"]].argmax(1)
+            preds = model({model.inputs[0]["name"]: x})[model.outputs[0]].argmax(1)
         finally:
             model.close()
         assert float((preds == y).mean()) == pytest.approx(v["accuracy"]["tvm"], abs=1e-9), v["name"]
