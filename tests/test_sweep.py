@@ -131,7 +131,9 @@ def test_a_rerun_with_one_more_level_computes_only_the_new_variants(sweep):
 def test_a_corrupt_stored_result_is_reported_and_recomputed(sweep):
     pipeline, out, _, _ = sweep
     (out / "variants/agp-50-4x1/result.json").write_text('{"key": "x", "variant": ')
-    (out / "variants/agp-90-1x1/tvm/model.so").write_bytes(b"tampered")
+    library = out / "variants/agp-90-1x1/tvm/model.so"  # replaced, not written in place: this process maps it
+    (library.parent / "tampered").write_bytes(b"tampered")
+    os.replace(library.parent / "tampered", library)
     before = results(out)
     result = run_cli("sweep", pipeline, "--sparsity", "0.5,0.9", "--bsr", "1,4", "-o", out)
     assert result.exit_code == 0, result.output
