@@ -114,16 +114,11 @@ def sweep(pipeline: str, sparsities: str, blocks: str, method: str | None, targe
     """Accuracy against measured latency over sparsities x block sizes on one target: prune,
     export, compile, verify, evaluate and measure each variant; report the Pareto front and
     where the time goes. Resumable: finished variants are reused."""
-    import dataclasses
-
     from prune2tvm.config import PIPELINES_DIR, load_pipeline, resolve_named_file
+    from prune2tvm.pipeline import with_overrides
     from prune2tvm.sweep import SweepOptions, parse_list, run_sweep
 
-    cfg = load_pipeline(pipeline)
-    if data_path is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_path))
-    if checkpoint is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=checkpoint))
+    cfg = with_overrides(load_pipeline(pipeline), data_path, checkpoint)
     source = str(resolve_named_file(pipeline, PIPELINES_DIR, "pipeline"))
     options = SweepOptions(parse_list(sparsities, "--sparsity"), parse_list(blocks, "--bsr", int), method, target,
                            output, force, max_accuracy_drop, db_dir, no_db)

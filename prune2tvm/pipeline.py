@@ -55,13 +55,19 @@ def describe(cfg: PipelineConfig, target: TargetConfig, out_dir: Path, source: s
     return yaml.safe_dump(shown, sort_keys=False, default_flow_style=None).rstrip()
 
 
-def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> Path:
+def with_overrides(cfg: PipelineConfig, data_path: str | None, checkpoint: str | None) -> PipelineConfig:
+    """``--data-path`` and ``--checkpoint`` over the pipeline's data.path and model.checkpoint."""
     import dataclasses
 
-    if options.data_path is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=options.data_path))
-    if options.checkpoint is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=options.checkpoint))
+    if data_path is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_path))
+    if checkpoint is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=checkpoint))
+    return cfg
+
+
+def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> Path:
+    cfg = with_overrides(cfg, options.data_path, options.checkpoint)
     check_starting_point(cfg)
     target, out_dir = resolve(cfg, options)
     from prune2tvm.distributed import init_from_env, world
@@ -100,17 +106,24 @@ def check_starting_point(cfg: PipelineConfig) -> None:
                           "valid: epochs >= 1, or give model.checkpoint (or --checkpoint)")
 
 
-def train_dense(cfg: PipelineConfig):
-    """The pipeline's data and its dense model (from model.checkpoint if given, then trained
-    for train.epochs), in eval mode; also what ``prune2tvm sensitivity`` analyses."""
+def load_data(cfg: PipelineConfig):
     from prune2tvm.data import load_configured
-    from prune2tvm.models import build_model
-    from prune2tvm.train import make_optimizer, seed_everything, train_epochs
 
     with phase("data", f"{cfg.data.dataset}, split {cfg.data.split}, seed {cfg.seed}"):
         data = load_configured(cfg.data, cfg.seed)
         say(f"  train {len(data.train)}, val {len(data.val)}, test {len(data.test)} samples of shape {data.input_shape}")
+    return data
 
+
+def train_dense(cfg: PipelineConfig, data=None):
+    """The pipeline's data (loaded unless given) and its dense model (from model.checkpoint if
+    given, then trained for train.epochs), in eval mode; also what ``prune2tvm sensitivity``
+    analyses."""
+    from prune2tvm.models import build_model
+    from prune2tvm.train import make_optimizer, seed_everything, train_epochs
+
+    if data is None:
+        data = load_data(cfg)
     start = f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""
     with phase("train", f"dense {cfg.model.name}{start} for {cfg.train.epochs} epochs"):
         seed_everything(cfg.seed)
@@ -124,13 +137,19 @@ def train_dense(cfg: PipelineConfig):
         if history:
             say(f"  loss {history[-1].loss:.4f}, val accuracy {history[-1].val_accuracy:.4f}")
         dense.eval()
-    if cfg.data.synthetic:  # random inputs have no labels: the dense model's classes stand in
-        from prune2tvm.data.synthetic import relabel
-        from prune2tvm.train import predict_torch
+    return labelled(cfg, data, dense), dense, history
 
-        data = relabel(data, lambda x: predict_torch(dense, x))
-        say("  synthetic data: labels are the dense model's predictions, so accuracy is agreement with it")
-    return data, dense, history
+
+def labelled(cfg: PipelineConfig, data, dense):
+    """``data`` as evaluated: synthetic inputs have no labels, so the dense model's classes
+    stand in for them."""
+    if not cfg.data.synthetic:
+        return data
+    from prune2tvm.data.synthetic import relabel
+    from prune2tvm.train import predict_torch
+
+    say("  synthetic data: labels are the dense model's predictions, so accuracy is agreement with it")
+    return relabel(data, lambda x: predict_torch(dense, x))
 
 
 def train_and_prune(cfg: PipelineConfig):
@@ -179,14 +198,66 @@ def prune_variant(prune, train, seed: int, dense, data, final: float, name: str)
     return result
 
 
+def sparsify_options(block: list[int] | tuple[int, int], threshold):
+    """BSR rewrite options for a block and a threshold (a number, or "auto": measure each layer)."""
+    from prune2tvm.compile.build import SparsifyOptions
+
+    auto = threshold == "auto"
+    return SparsifyOptions(tuple(block), 0.0 if auto else threshold, auto=auto)
+
+
+def save_test_split(directory: Path, data) -> None:
+    """The test split, as ``python -m prune2tvm.runtime`` takes it, to reproduce the accuracy."""
+    import numpy as np
+
+    from prune2tvm.fsutil import atomic_path
+
+    for rel, array in ((TEST_SPLIT_X, data.test.x), (TEST_SPLIT_Y, data.test.y)):
+        with atomic_path(directory / rel) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+
+
+def build_variant(vdir: Path, name: str, model, plan, data, cfg: PipelineConfig, target: TargetConfig,
+                  sparsify, database=None):
+    """A variant's files in ``vdir``: model.pt, plan.json, model.onnx (checked against torch)
+    and tvm/ (the artifact, checked against onnxruntime). Returns (onnx model, compiled model)."""
+    import numpy as np
+
+    from prune2tvm.compile import compile_onnx
+    from prune2tvm.export import export_onnx
+
+    check_x = data.test.x[:CHECK_BATCH]
+    batch = cfg.measure.batch_size
+    _save_checkpoint(model, vdir / "model.pt")
+    if plan is not None:  # which units were removed, re-applicable to a fresh model
+        plan.save(vdir / "plan.json")
+    with phase("export", f"{name} -> ONNX opset {cfg.export.opset}"):
+        onnx_model = export_onnx(model, data.input_shape, vdir / "model.onnx", cfg.export.opset, check_x)
+    compiled = compile_onnx(onnx_model.path, target, {onnx_model.input_name: [batch, *data.input_shape]},
+                            real_feeds={onnx_model.input_name: np.resize(check_x, (batch, *check_x.shape[1:]))},
+                            seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math, database=database)
+    compiled.save(vdir / "tvm")
+    return onnx_model, compiled
+
+
+def record_variant_measurements(tvm_dir: Path, accuracy: float, samples: int, stats: dict, batch: int,
+                                threads: int, target: TargetConfig) -> None:
+    """What was measured on the artifact, in its manifest."""
+    from prune2tvm.artifact import record_measurements
+
+    record_measurements(tvm_dir, {
+        "accuracy": accuracy, "accuracy_on": f"{TEST_SPLIT_X} ({samples} samples, labels in {TEST_SPLIT_Y})",
+        "latency_ms": {"median": stats["tvm"].median, "p90": stats["tvm"].p90},
+        "onnxruntime_latency_ms": {"median": stats["onnxruntime"].median, "p90": stats["onnxruntime"].p90},
+        "batch_size": batch, "threads": threads, "target": target.name})
+
+
 def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: str) -> None:
     import numpy as np
     import onnxruntime
     import torch
 
-    from prune2tvm.artifact import record_measurements
-    from prune2tvm.compile import compile_onnx
-    from prune2tvm.export import export_onnx
     from prune2tvm.measure.accuracy import agreement, predict_batched
     from prune2tvm.measure.latency import measure_interleaved
     from prune2tvm.onnxrt import session
@@ -195,35 +266,19 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     from prune2tvm.train import accuracy, predict_torch
 
     threads = target.threads or os.cpu_count() or 1
-    from prune2tvm.compile.build import SparsifyOptions
-
     bsr = cfg.compile.bsr
-    sparsify = None
-    if bsr is not None:
-        auto = bsr.threshold == "auto"
-        sparsify = SparsifyOptions(tuple(bsr.block), 0.0 if auto else bsr.threshold, auto=auto)
+    sparsify = None if bsr is None else sparsify_options(bsr.block, bsr.threshold)
     data, variants = train_and_prune(cfg)
 
     x_test, y_test = data.test.x, data.test.y
-    check_x = x_test[:CHECK_BATCH]
     batch = cfg.measure.batch_size
     bench_x = np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])))
-    (stage / TEST_SPLIT_X).parent.mkdir(parents=True, exist_ok=True)
-    np.save(stage / TEST_SPLIT_X, x_test)  # what `python -m prune2tvm.runtime` reproduces the accuracy on
-    np.save(stage / TEST_SPLIT_Y, y_test)
+    save_test_split(stage, data)
     report_variants = []
     for result in variants:
         vdir = stage / "variants" / result.name
         vdir.mkdir(parents=True)
-        _save_checkpoint(result.model, vdir / "model.pt")
-        if result.plan is not None:  # which units were removed, re-applicable to a fresh model
-            result.plan.save(vdir / "plan.json")
-        with phase("export", f"{result.name} -> ONNX opset {cfg.export.opset}"):
-            onnx_model = export_onnx(result.model, data.input_shape, vdir / "model.onnx", cfg.export.opset, check_x)
-        compiled = compile_onnx(onnx_model.path, target, {onnx_model.input_name: [batch, *data.input_shape]},
-                                real_feeds={onnx_model.input_name: np.resize(check_x, (batch, *check_x.shape[1:]))},
-                                seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math)
-        compiled.save(vdir / "tvm")
+        onnx_model, compiled = build_variant(vdir, result.name, result.model, result.plan, data, cfg, target, sparsify)
         ort = session(onnx_model.path, threads=threads)
         with phase("evaluate", f"{result.name}: test accuracy with torch, onnxruntime and TVM"):
             preds = {
@@ -241,11 +296,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
                                         cfg.measure.warmup, cfg.measure.repeat, cfg.measure.rounds,
                                         desc=f"latency {result.name}")
             say("  " + ", ".join(f"{k} {s.median:.3f} ms (p90 {s.p90:.3f})" for k, s in stats.items()))
-        record_measurements(vdir / "tvm", {
-            "accuracy": acc["tvm"], "accuracy_on": f"{TEST_SPLIT_X} ({len(y_test)} samples, labels in {TEST_SPLIT_Y})",
-            "latency_ms": {"median": stats["tvm"].median, "p90": stats["tvm"].p90},
-            "onnxruntime_latency_ms": {"median": stats["onnxruntime"].median, "p90": stats["onnxruntime"].p90},
-            "batch_size": batch, "threads": threads, "target": target.name})
+        record_variant_measurements(vdir / "tvm", acc["tvm"], len(y_test), stats, batch, threads, target)
         report_variants.append(Variant(
             name=result.name,
             method="dense" if result.name == "dense" else cfg.prune.method,

@@ -30,6 +30,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -46,7 +47,6 @@ SWEEP_FORMAT = 1
 RESULT_JSON = "result.json"
 METHODS = ("agp", "1xN", "gsm", "filter", "oneshot")
 DEFAULT_THRESHOLD = 0.5  # compile threshold when the pipeline has no compile.bsr
-CHECK_BATCH = 64
 
 
 @dataclass
@@ -200,7 +200,7 @@ class Sweep:
     def _check_directory(self) -> None:
         path = self.out / SWEEP_JSON
         if not path.exists():
-            if any(self.out.iterdir()) and not self.options.force and (self.out / "variants").exists():
+            if (self.out / "variants").exists() and not self.options.force:
                 raise OutputExistsError(f"{self.out} holds results but no {SWEEP_JSON}; pass --force to replace them")
             return
         try:
@@ -247,10 +247,11 @@ class Sweep:
         return self.out
 
     def _dense_model(self, data):
-        """The trained dense model, from the cache if it was trained with this configuration."""
+        """The data as evaluated and the trained dense model, from the cache if it was trained
+        with this configuration."""
         from prune2tvm.checkpoint import load_state_dict
         from prune2tvm.models import build_model
-        from prune2tvm.pipeline import _save_checkpoint, train_dense
+        from prune2tvm.pipeline import _save_checkpoint, labelled, train_dense
 
         cache = self.out / "dense-model"
         try:
@@ -258,36 +259,25 @@ class Sweep:
                 model = build_model(self.cfg.model.name, data.input_shape, data.num_classes)
                 load_state_dict(model, cache / "model.pt")
                 say(f"  dense model: reused {cache / 'model.pt'}")
-                return model.eval()
+                return labelled(self.cfg, data, model.eval()), model
         except (OSError, ValueError, KeyError, Prune2TVMError):
             pass
-        _, dense, history = train_dense(self.cfg)
+        data, dense, history = train_dense(self.cfg, data)
         with staged_dir(cache, force=True, what="dense model") as stage:
             _save_checkpoint(dense, stage / "model.pt")
             write_json(stage / "history.json", [dataclasses.asdict(h) for h in history])
             write_json(stage / "key.json", {"key": self.dense_key})
-        return dense
+        return data, dense
 
     def _compute(self, todo: list[VariantSpec], results: dict) -> None:
-        from prune2tvm.data import load_configured
-        from prune2tvm.train import predict_torch
+        from prune2tvm.pipeline import load_data, save_test_split
 
-        with phase("data", f"{self.cfg.data.dataset}, split {self.cfg.data.split}, seed {self.cfg.seed}"):
-            data = load_configured(self.cfg.data, self.cfg.seed)
-        dense = self._dense_model(data)
-        if self.cfg.data.synthetic:
-            from prune2tvm.data.synthetic import relabel
-
-            data = relabel(data, lambda x: predict_torch(dense, x))
-        self._save_test_split(data)
-        baseline = None
-        dense_spec = self.specs[0]
-        if dense_spec in todo:
-            results["dense"] = self._variant(dense_spec, dense, data, None)
-            todo = [s for s in todo if s is not dense_spec]
+        data, dense = self._dense_model(load_data(self.cfg))
+        save_test_split(self.out, data)
+        if todo[0].prune is None:  # the dense variant: every other one is measured beside it
+            results["dense"] = self._variant(todo.pop(0), dense, data, None)
+        baseline = self._baseline() if todo else None
         for spec in todo:
-            if baseline is None:
-                baseline = self._baseline()
             if spec.error is not None:
                 say(f"  {spec.name}: {spec.error}")
                 results[spec.name] = self._failed(spec, spec.error)
@@ -298,18 +288,6 @@ class Sweep:
                 message = str(exc).splitlines()[0]
                 say(f"  {spec.name}: failed: {message}")
                 results[spec.name] = self._failed(spec, message)
-
-    def _save_test_split(self, data) -> None:
-        """The test split every variant's accuracy was measured on, as the runtime takes it."""
-        import numpy as np
-
-        from prune2tvm.fsutil import atomic_path
-        from prune2tvm.pipeline import TEST_SPLIT_X, TEST_SPLIT_Y
-
-        for rel, array in ((TEST_SPLIT_X, data.test.x), (TEST_SPLIT_Y, data.test.y)):
-            with atomic_path(self.out / rel) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, array)
 
     def _baseline(self):
         """The dense variant's TVM build and onnxruntime session, measured beside every variant."""
@@ -334,16 +312,13 @@ class Sweep:
 
     def _variant(self, spec: VariantSpec, dense, data, baseline):
         import numpy as np
+        import torch
 
-        from prune2tvm.artifact import record_measurements
-        from prune2tvm.compile import compile_onnx
-        from prune2tvm.compile.build import SparsifyOptions
-        from prune2tvm.export import export_onnx
         from prune2tvm.measure.accuracy import agreement, logits_batched, top_k
         from prune2tvm.measure.latency import measure_interleaved
         from prune2tvm.measure.profile import profile_layers
         from prune2tvm.onnxrt import session
-        from prune2tvm.pipeline import _save_checkpoint, prune_variant
+        from prune2tvm.pipeline import build_variant, prune_variant, record_variant_measurements, sparsify_options
         from prune2tvm.prune.masks import layer_sparsity, overall_sparsity
         from prune2tvm.prune.summary import sparsity_summary
         from prune2tvm.report import Variant
@@ -356,27 +331,14 @@ class Sweep:
             model, layers, plan = result.model, result.layers, result.plan
         x_test, y_test = data.test.x, data.test.y
         batch = cfg.measure.batch_size
-        check_x = x_test[:CHECK_BATCH]
+        # the dense variant: every layer stays dense, still in the layer table
+        sparsify = sparsify_options((1, 1), 1.0) if spec.prune is None else sparsify_options((spec.block, 1), self.threshold)
         with staged_dir(self.out / "variants" / spec.name, force=True, what="variant") as stage:
-            _save_checkpoint(model, stage / "model.pt")
-            if plan is not None:
-                plan.save(stage / "plan.json")
-            with phase("export", f"{spec.name} -> ONNX opset {cfg.export.opset}"):
-                onnx_model = export_onnx(model, data.input_shape, stage / "model.onnx", cfg.export.opset, check_x)
-            sparsify = SparsifyOptions((1, 1), 1.0)  # dense: every layer stays dense, still in the layer table
-            if spec.prune is not None:
-                auto = self.threshold == "auto"
-                sparsify = SparsifyOptions((spec.block, 1), 0.0 if auto else self.threshold, auto=auto)
+            onnx_model, compiled = build_variant(stage, spec.name, model, plan, data, cfg, self.target, sparsify,
+                                                 self.database)
             name = onnx_model.input_name
-            compiled = compile_onnx(onnx_model.path, self.target, {name: [batch, *data.input_shape]},
-                                    real_feeds={name: np.resize(check_x, (batch, *check_x.shape[1:]))},
-                                    seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math,
-                                    database=self.database)
-            compiled.save(stage / "tvm")
             ort = session(onnx_model.path, threads=self._threads())
             with phase("evaluate", f"{spec.name}: {cfg.data.dataset} test split with torch, onnxruntime and TVM"):
-                import torch
-
                 with torch.no_grad():
                     logits = {"torch": logits_batched(lambda xb: model(torch.from_numpy(xb)).numpy(), x_test, 256),
                               "onnxruntime": logits_batched(lambda xb: ort.run(None, {name: xb})[0], x_test, len(x_test)),
@@ -414,11 +376,8 @@ class Sweep:
             nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
             sizes = {"onnx": (stage / "model.onnx").stat().st_size,
                      "artifact": sum(p.stat().st_size for p in (stage / "tvm").rglob("*") if p.is_file())}
-            record_measurements(stage / "tvm", {
-                "accuracy": acc["tvm"], "accuracy_on": f"{cfg.data.dataset} test split ({len(y_test)} samples)",
-                "latency_ms": {"median": stats["tvm"].median, "p90": stats["tvm"].p90},
-                "onnxruntime_latency_ms": {"median": stats["onnxruntime"].median, "p90": stats["onnxruntime"].p90},
-                "batch_size": batch, "threads": self._threads(), "target": self.target.name})
+            record_variant_measurements(stage / "tvm", acc["tvm"], len(y_test), stats, batch, self._threads(),
+                                        self.target)
             variant = Variant(
                 name=spec.name, method=spec.prune.method if spec.prune else "dense", target_sparsity=spec.sparsity,
                 sparsity=overall_sparsity(layers), accuracy=acc, agreement=agree,
@@ -494,10 +453,7 @@ def ideal_latency(variant, dense) -> float | None:
 
 
 def _numel(layer: dict) -> int:
-    n = 1
-    for d in layer["weight_shape"]:
-        n *= int(d)
-    return n
+    return math.prod(int(d) for d in layer["weight_shape"])
 
 
 def _file_digest(path: str | None) -> str | None:

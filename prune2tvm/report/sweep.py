@@ -6,20 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prune2tvm.fsutil import atomic_path, write_text
+from prune2tvm.fsutil import write_text
 from prune2tvm.report.model import Report, Variant
+from prune2tvm.report.write import _ms, _pct, finish_plot
 
 COMPARE_MD = "comparison.md"
 COMPARE_PNG = "comparison.png"
 
 
-def _ms(v: Variant, backend: str) -> str:
-    s = v.latency_ms.get(backend)
-    return f"{s['median']:.3f} / {s['p90']:.3f}" if s else "-"
-
-
-def _pct(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}"
+def _latency(v: Variant, backend: str) -> str:
+    return _ms(v.latency_ms.get(backend))
 
 
 def _ratio(value: float | None) -> str:
@@ -73,7 +69,7 @@ def render_sweep(report: Report) -> str:
         lines.append(
             f"| {v.name} | {_block(v)} | {_pct(v.sparsity, 1)} | {_pct(v.accuracy.get('tvm'))} | "
             + (f"{_pct(v.top5.get('tvm'))} | " if top5 else "")
-            + f"{_ms(v, 'tvm')} | {_ms(v, 'tvm_dense')} | {_ms(v, 'onnxruntime')} | {_ratio(v.over_dense())} "
+            + f"{_latency(v, 'tvm')} | {_latency(v, 'tvm_dense')} | {_latency(v, 'onnxruntime')} | {_ratio(v.over_dense())} "
             f"| {_ratio(v.speedup())} | {f'{v.ideal_ms:.3f}' if v.ideal_ms else '-'} | {_pct(of_ideal(v), 0)} "
             f"| {_count(v.params.get('nonzero'))} of {_count(v.params.get('total'))} "
             f"| {_count(v.macs.get('effective'))} of {_count(v.macs.get('dense'))} "
@@ -168,20 +164,11 @@ def write_sweep_plot(reports: list[Report], path: Path) -> None:
                     latencies.append(x)
                     ax.axvline(x, linestyle=style, color=color if len(reports) > 1 else "grey", linewidth=1,
                                label=f"{label + ': ' if label else ''}{what} ({x:.3f} ms)")
-    if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 10:
-        ax.set_xscale("log")
     first = reports[0]
-    ax.set_xlabel(f"TVM latency, median (ms, batch {first.batch_size})" + (", log scale" if ax.get_xscale() == "log" else ""))
-    ax.set_ylabel(f"{'agreement with dense' if 'agreement' in first.quality else 'test top-1 accuracy'} (%)")
     where = ", ".join(r.target.get("name", "?") for r in reports)
-    ax.set_title(f"{first.pipeline} on {where}: accuracy vs measured latency")
-    ax.margins(x=0.2, y=0.1)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    finish_plot(fig, ax, path, latencies, f"TVM latency, median (ms, batch {first.batch_size})",
+                f"{'agreement with dense' if 'agreement' in first.quality else 'test top-1 accuracy'} (%)",
+                f"{first.pipeline} on {where}: accuracy vs measured latency", 7, margins={"x": 0.2, "y": 0.1})
 
 
 def write_comparison(reports: list[Report], sources: list[str], out_dir: str | os.PathLike) -> list[Path]:

@@ -28,8 +28,8 @@ def _ms(stats: dict | None) -> str:
     return f"{stats['median']:.3f} / {stats['p90']:.3f}" if stats else "-"
 
 
-def _pct(value: float | None) -> str:
-    return f"{100 * value:.2f}" if value is not None else "-"
+def _pct(value: float | None, digits: int = 2) -> str:
+    return f"{100 * value:.{digits}f}" if value is not None else "-"
 
 
 def render_markdown(report: Report) -> str:
@@ -110,14 +110,24 @@ def write_plot(report: Report, path: Path) -> None:
                 ax.axvline(dense.latency_ms[backend]["median"], linestyle=style, color="grey", linewidth=1,
                            label=f"dense {markers[backend][1]} latency")
     latencies = [s["median"] for v in report.variants for s in v.latency_ms.values()]
+    finish_plot(fig, ax, path, latencies, f"latency, median (ms, batch {report.batch_size})", "test accuracy (%)",
+                f"{report.pipeline} on {report.target.get('name')}: accuracy vs measured latency", 8, margins={"x": 0.25})
+
+
+def finish_plot(fig, ax, path: Path, latencies: list[float], xlabel: str, ylabel: str, title: str, legend_size: int,
+                margins: dict) -> None:
+    """Axes, labels, grid and legend of an accuracy-vs-latency plot, written atomically as PNG;
+    latencies an order of magnitude apart go on a log scale, so they stay readable."""
+    import matplotlib.pyplot as plt
+
     if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 10:
-        ax.set_xscale("log")  # backends an order of magnitude apart stay readable
-    ax.set_xlabel(f"latency, median (ms, batch {report.batch_size})" + (", log scale" if ax.get_xscale() == "log" else ""))
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{report.pipeline} on {report.target.get('name')}: accuracy vs measured latency")
-    ax.margins(x=0.25)
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel + (", log scale" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.margins(**margins)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=legend_size, loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
