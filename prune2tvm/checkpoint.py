@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from prune2tvm.errors import InputError
 
@@ -15,10 +16,15 @@ def load_state_dict(model, path: str | os.PathLike) -> None:
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"{path}: not a safe state-dict checkpoint (refused by weights_only loading: {first})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise InputError(f"{path}: not a readable checkpoint (truncated or corrupt: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):

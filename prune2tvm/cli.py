@@ -3,38 +3,96 @@ library (heavy imports happen inside the verb, so ``--help`` is instant)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from prune2tvm import __version__
 from prune2tvm.errors import InputError, OutputExistsError, Prune2TVMError
+from prune2tvm.onnx_input import parse_shape, require_file
 
 
 class _Group(click.Group):
-    """Turns a ``Prune2TVMError`` into one line on stderr and exit status 2 (a bug: 1)."""
+    """Turns a ``Prune2TVMError`` or a usage error into one line on stderr and exit status 2
+    (a bug: 1); Ctrl-C into 130."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            _usage_line(exc)
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _watch_ctrl_c():
+                return super().invoke(ctx)
+        except click.UsageError as exc:
+            _usage_line(exc)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted; finished results were kept, nothing half-written", err=True)
-            ctx.exit(130)
+            _stop_interrupted(ctx)
         except Prune2TVMError as exc:
+            if _CTRL_C["seen"]:
+                _stop_interrupted(ctx)
             if _debug(ctx):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         except Exception as exc:  # a bug in prune2tvm: still one line unless --debug
+            if _CTRL_C["seen"]:
+                _stop_interrupted(ctx)
             if _debug(ctx):
                 raise
             click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
             ctx.exit(1)
+
+
+_CTRL_C = {"seen": False}
+
+
+@contextlib.contextmanager
+def _watch_ctrl_c():
+    """Remember a Ctrl-C: TVM's C++ code turns the KeyboardInterrupt raised inside a callback
+    into a RuntimeError, which must still read as an interruption."""
+    if threading.current_thread() is not threading.main_thread() or _CTRL_C.get("installed"):
+        yield
+        return
+
+    def handler(signum, frame):
+        _CTRL_C["seen"] = True
+        signal.default_int_handler(signum, frame)
+
+    old = signal.signal(signal.SIGINT, handler)
+    _CTRL_C.update(seen=False, installed=True)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        _CTRL_C["installed"] = False
+
+
+def _stop_interrupted(ctx: click.Context):
+    click.echo("interrupted; finished results were kept, nothing half-written", err=True)
+    ctx.exit(130)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, Exception) and _CTRL_C["seen"])
+
+
+def _usage_line(exc: click.UsageError):
+    """click's usage errors print three lines (usage, hint, error); ours print one."""
+    command = exc.ctx.command_path if exc.ctx else "prune2tvm"
+    message = " ".join(exc.format_message().split())
+    click.echo(f"error: {message} (see '{command} --help')", err=True)
+    raise click.exceptions.Exit(2)
 
 
 def _debug(ctx: click.Context) -> bool:
@@ -53,16 +111,6 @@ def cli(debug: bool) -> None:
 
 def main() -> None:
     cli(prog_name="prune2tvm")
-
-
-def _parse_shape(text: str, option: str) -> list[int]:
-    try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
-    except ValueError:
-        dims = []
-    if not dims or any(d <= 0 for d in dims):
-        raise InputError(f"{option}: {text!r} is not a shape; valid: positive integers separated by commas, e.g. 1,8,8")
-    return dims
 
 
 # --------------------------------------------------------------------------- run
@@ -154,7 +202,7 @@ def prune(checkpoint: str, model_name: str, plan_path: str, input_shape: str, nu
 
     if Path(output).exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to replace it")
-    shape = tuple(_parse_shape(input_shape, "--input-shape"))
+    shape = tuple(parse_shape(input_shape, "--input-shape"))
     model = build_model(model_name, shape, num_classes)
     load_state_dict(model, checkpoint)
     plan = PruningPlan.load(plan_path)
@@ -169,7 +217,7 @@ def prune(checkpoint: str, model_name: str, plan_path: str, input_shape: str, nu
     if show_summary:
         from prune2tvm.prune.summary import render_summary, sparsity_summary
 
-        block_rc = _parse_shape(block, "--block")
+        block_rc = parse_shape(block, "--block")
         if len(block_rc) != 2:
             raise InputError(f"--block {block!r}: give R,C (two positive integers)")
         click.echo(render_summary(sparsity_summary(model, shape, tuple(block_rc))))
@@ -227,7 +275,7 @@ def sensitivity(pipeline: str, levels: str, output: str, force: bool) -> None:
 def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int, opset: int, output: str,
            force: bool) -> None:
     """Export a state-dict checkpoint to ONNX, checked against torch with onnxruntime."""
-    shape = _parse_shape(input_shape, "--input-shape")
+    shape = parse_shape(input_shape, "--input-shape")
     if Path(output).exists() and not force:
         raise OutputExistsError(f"{output} already exists; pass --force to replace it")
     import numpy as np
@@ -273,10 +321,9 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
-    _require_file(model, "ONNX model")
     sparsify = _sparsify_options(block_rows, block_cols, threshold)
     tgt = load_target(target or DEFAULT_TARGET)
-    shapes = _input_shapes(model, batch_size, input_shapes)
+    shapes = _checked_onnx(model, batch_size, input_shapes)
     from prune2tvm.compile import compile_onnx
     from prune2tvm.compile.tune import open_database
 
@@ -315,33 +362,16 @@ def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str):
     return SparsifyOptions((block_rows, block_cols), value)
 
 
-def _require_file(path: str, what: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{path}: no such file (expected {what})")
-    if not p.is_file():
-        raise InputError(f"{path}: not a file (expected {what})")
-    if p.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (expected {what})")
+def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> dict[str, list[int]]:
+    """Static input shapes of a model that passed every check, the importer's ops included,
+    before anything is written."""
+    from prune2tvm.onnx_input import check_onnx_file, static_shapes
 
+    model = check_onnx_file(path)
+    shapes = static_shapes(path, model, batch_size, input_shapes)
+    from prune2tvm.compile.frontend import check_importable
 
-def _input_shapes(model: str, batch_size: int, overrides: tuple[str, ...]) -> dict[str, list[int]]:
-    from prune2tvm.export.onnx_export import read_onnx_io
-
-    try:
-        inputs, _ = read_onnx_io(model)
-    except Exception as exc:  # protobuf decode errors have no common base
-        raise InputError(f"{model}: not a readable ONNX model ({type(exc).__name__})") from None
-    shapes = {}
-    for name, dims in inputs:
-        if dims and dims[0] is None:
-            dims = [batch_size, *dims[1:]]
-        shapes[name] = dims
-    for item in overrides:
-        name, sep, dims = item.partition("=")
-        if not sep:
-            raise InputError(f"--input-shape: {item!r} is not NAME=D0,D1,...; inputs: {', '.join(shapes)}")
-        shapes[name] = _parse_shape(dims, f"--input-shape {name}")
+    check_importable(path, model)
     return shapes
 
 
@@ -377,7 +407,6 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
-    _require_file(model, "ONNX model")
     sparsify = _sparsify_options(block_rows, block_cols, threshold)
     tgt = load_target(target or DEFAULT_TARGET)
     from prune2tvm.compile.remote import RpcDevice
@@ -391,7 +420,7 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
         raise InputError(f"--time-limit {time_limit} must be positive (seconds)")
     if Path(output).exists() and not force:
         raise OutputExistsError(f"a compiled model already exists at {output}; pass --force to replace it")
-    shapes = _input_shapes(model, batch_size, input_shapes)
+    shapes = _checked_onnx(model, batch_size, input_shapes)
     database = open_database(tgt, db_dir, create=True)
     click.echo(f"tuning database: {database.path}")
     from prune2tvm.compile import compile_onnx
@@ -410,7 +439,9 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
                 prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
         elif prepared.bsr_kernels:
             click.echo(f"BSR kernels: no parameter search for {tgt.name} (the CUDA kernel has none)")
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
         click.echo(f"interrupted: the records measured so far are kept in {database.path}; run the same command to "
                    "resume", err=True)
         sys.exit(130)
@@ -446,7 +477,7 @@ def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int,
     from prune2tvm.measure.latency import measure_interleaved
     from prune2tvm.onnxrt import session
 
-    _require_file(onnx_path, "ONNX model")
+    require_file(onnx_path, "ONNX model")
     if rounds > repeat:
         raise InputError(f"--rounds {rounds} exceeds --repeat {repeat}; valid: 1 <= rounds <= repeat")
     compiled = load_compiled(directory)
@@ -485,15 +516,16 @@ def verify(artifact: str, onnx_path: str, inputs_path: str | None, seed: int, rt
     A directory's manifest records the result (packaging needs it)."""
     from prune2tvm.artifact import verify_artifact
     from prune2tvm.errors import NumericalMismatchError
-    from prune2tvm.runtime import read_inputs
+    from prune2tvm.runtime import check_finite, read_inputs
 
-    _require_file(onnx_path, "ONNX model")
+    require_file(onnx_path, "ONNX model")
     real = None
     if inputs_path:
         from prune2tvm.onnxrt import session
 
         specs = [{"name": i.name} for i in session(onnx_path).get_inputs()]
         real = read_inputs(inputs_path, specs)
+        check_finite(real, inputs_path)  # onnxruntime and TVM need not agree on NaN: nothing to verify
     checks = verify_artifact(artifact, onnx_path, real, seed, rtol, atol)
     for c in checks:
         click.echo(f"{c.inputs:6s} inputs, output {c.output}: max abs diff {c.max_abs_diff:.3g}, "

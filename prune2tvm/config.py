@@ -104,7 +104,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def from_dict(cls, data: Any, where: str):
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {_type_name(data)}")
+        raise ConfigError(f"{where.rstrip(': ')}: expected a mapping, got {_type_name(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     prefix = where if where.endswith((": ", ".")) else f"{where}."
     for key in data:
@@ -497,7 +497,7 @@ class TargetConfig:
     def runs_here(self) -> tuple[bool, str]:
         """Whether code built for this target can run on this machine, and if not, why."""
         if self.kind == "cuda":
-            return False, "a cuda target needs an NVIDIA GPU, and this machine has none"
+            return False, "no NVIDIA GPU here"
         if self.arch != host_arch():
             return False, f"it is built for {self.arch} and this machine is {host_arch()}"
         missing = [feat for feat in self.requires if feat not in host_cpu_features()]

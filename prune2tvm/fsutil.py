@@ -61,7 +61,7 @@ def staged_dir(final: str | os.PathLike, force: bool, what: str = "results") -> 
     """
     final = Path(final)
     if final.exists() and not force:
-        raise OutputExistsError(f"{what} already exist at {final}; pass --force to replace them")
+        raise OutputExistsError(f"{final} already exists ({what}); pass --force to replace it")
     if final.exists() and not final.is_dir():
         raise InputError(f"{final} exists and is not a directory")
     parent = ensure_writable_dir(final.parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,22 @@ def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> 
 
         read_csv(cfg.prune.sensitivity.file)
     say("Resolved configuration:\n" + describe(cfg, target, out_dir, source))
-    with staged_dir(out_dir, force=options.force) as stage:
-        _run_stages(cfg, target, stage, source)
+    from prune2tvm.resume import ModelStore
+
+    store = ModelStore.beside(out_dir, cfg)
+    with store.locked(f"another run is writing {out_dir}; wait for it or pass -o DIR"):
+        for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):  # a killed run's; ours is locked
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            with staged_dir(out_dir, force=options.force) as stage:
+                # under torchrun every process must train the same models: no resuming there
+                _run_stages(cfg, target, stage, source, store if world()[1] == 1 else None)
+        except BaseException:
+            if store.kept():
+                say(f"the models trained so far ({', '.join(store.kept())}) are kept in {store.root}; "
+                    "the same run starts from them")
+            raise
+        store.remove()  # complete: nothing left to resume
     say(f"Report: {out_dir / 'report.md'}")
     return out_dir
 
@@ -101,6 +116,10 @@ def check_starting_point(cfg: PipelineConfig) -> None:
 
     if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
         raise InputError(f"model.checkpoint: {cfg.model.checkpoint} is not a file")
+    from prune2tvm.data.files import EXPECTED, check_directory
+
+    if cfg.data.dataset in EXPECTED:
+        check_directory(cfg.data.dataset, cfg.data.path)
     if cfg.train.epochs == 0 and cfg.model.checkpoint is None and not cfg.data.synthetic:
         raise ConfigError("train.epochs: 0 trains nothing and there is no model.checkpoint to start from; "
                           "valid: epochs >= 1, or give model.checkpoint (or --checkpoint)")
@@ -152,18 +171,32 @@ def labelled(cfg: PipelineConfig, data, dense):
     return relabel(data, lambda x: predict_torch(dense, x))
 
 
-def train_and_prune(cfg: PipelineConfig):
+def train_and_prune(cfg: PipelineConfig, store=None):
     """Data, the dense model, and every pruned variant: the stages that train. Under torchrun
     every process runs these (DistributedDataParallel keeps them identical); only rank 0 goes
-    on to export, compile, measure and report."""
+    on to export, compile, measure and report. With a ``ModelStore``, each model is kept as
+    soon as it is trained and models an interrupted run kept are taken instead of training."""
     from prune2tvm.prune.agp_prune import PruneResult
     from prune2tvm.prune.masks import layer_sparsity
 
-    data, dense, history = train_dense(cfg)
+    data = load_data(cfg)
+    kept = store.dense(cfg, data.input_shape, data.num_classes) if store else None
+    if kept is not None:
+        dense, history = kept
+        data = labelled(cfg, data, dense)
+    else:
+        data, dense, history = train_dense(cfg, data)
+        if store:
+            store.save_dense(dense, history)
     variants = [PruneResult("dense", dense, 0.0, layer_sparsity(dense, cfg.prune.layers), history)]
     for final in cfg.prune.sparsities:
-        variants.append(prune_variant(cfg.prune, cfg.train, cfg.seed, dense, data, final,
-                                      f"{cfg.prune.method}-{round(100 * final)}"))
+        name = f"{cfg.prune.method}-{round(100 * final)}"
+        result = store.variant(name, cfg, data.input_shape, data.num_classes) if store else None
+        if result is None:  # each variant is pruned from the dense model under its own seed
+            result = prune_variant(cfg.prune, cfg.train, cfg.seed, dense, data, final, name)
+            if store:
+                store.save_variant(result)
+        variants.append(result)
 
     if cfg.prune.sensitivity is not None:
         variants += _sensitivity_variants(cfg, dense, data)
@@ -253,7 +286,7 @@ def record_variant_measurements(tvm_dir: Path, accuracy: float, samples: int, st
         "batch_size": batch, "threads": threads, "target": target.name})
 
 
-def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: str) -> None:
+def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: str, store=None) -> None:
     import numpy as np
     import onnxruntime
     import torch
@@ -268,7 +301,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     threads = target.threads or os.cpu_count() or 1
     bsr = cfg.compile.bsr
     sparsify = None if bsr is None else sparsify_options(bsr.block, bsr.threshold)
-    data, variants = train_and_prune(cfg)
+    data, variants = train_and_prune(cfg, store)
 
     x_test, y_test = data.test.x, data.test.y
     batch = cfg.measure.batch_size

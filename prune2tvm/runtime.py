@@ -30,6 +30,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -407,20 +408,46 @@ def read_inputs(path: str | os.PathLike, specs: list[dict]) -> dict[str, np.ndar
             if len(specs) != 1:
                 raise InputError(f"{path}: a .npy file fits a model with one input; this one takes "
                                  f"{', '.join(s['name'] for s in specs)}: give an .npz keyed by name")
-            return {specs[0]["name"]: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError) as exc:
+            with open(path, "rb") as f:
+                return {specs[0]["name"]: np.load(f, allow_pickle=False)}
+        with open(path, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                raise InputError(f"{path}: holds one array, not arrays keyed by input name; give an .npz "
+                                 f"(np.savez(path, {specs[0]['name']}=...)) or name the file .npy")
+            with loaded as archive:
+                return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable numpy file ({exc})") from None
 
 
+def check_finite(feeds: dict[str, np.ndarray], where: str) -> None:
+    """The command line's policy: NaN or Inf in an input is refused (a corrupt input file far
+    more often than a meaningful value); ``--allow-nonfinite`` passes them through."""
+    for name, array in feeds.items():
+        if np.issubdtype(array.dtype, np.floating):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise InputError(f"{where}: input {name!r} holds {bad} NaN/Inf value(s); pass --allow-nonfinite "
+                                 "to run them anyway")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line, as the ``prune2tvm`` command prints them."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prune2tvm.runtime", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="python -m prune2tvm.runtime", description=__doc__.splitlines()[0])
     parser.add_argument("artifact", help="a directory written by 'prune2tvm compile', or a .tar.gz from 'package'")
     parser.add_argument("--inputs", help=".npz keyed by input name, or .npy for one input")
     parser.add_argument("--outputs", help=".npz to write, keyed by output name")
     parser.add_argument("--extract", metavar="DIR", help="only unpack a .tar.gz into the new directory DIR, checked")
     parser.add_argument("--force", action="store_true", help="replace an existing outputs file")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="run inputs holding NaN or Inf (refused otherwise)")
     args = parser.parse_args(argv)
     try:
         if args.extract:
@@ -435,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{args.outputs} already exists; pass --force to replace it")
         model = Model(args.artifact)
         try:
-            outputs = model(read_inputs(args.inputs, model.inputs))
+            feeds = read_inputs(args.inputs, model.inputs)
+            if not args.allow_nonfinite:
+                check_finite(feeds, args.inputs)
+            outputs = model(feeds)
         finally:
             model.close()
         with atomic_path(args.outputs) as tmp:
@@ -444,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     except Prune2TVMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless PRUNE2TVM_DEBUG is set
+        if os.environ.get("PRUNE2TVM_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set PRUNE2TVM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     print(f"wrote {args.outputs}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
     return 0
 

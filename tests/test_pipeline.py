@@ -115,7 +115,7 @@ def test_report_verb_regenerates_from_report_json(digits_run):
     assert (out / "accuracy_vs_latency.png").exists()
 
 
-def test_same_pipeline_and_seed_give_the_same_weights_and_onnx(tiny_pipeline, tmp_path):
+def test_same_pipeline_and_seed_give_the_same_weights_masks_onnx_and_accuracy(tiny_pipeline, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         assert run_cli("run", str(tiny_pipeline), "-o", str(out)).exit_code == 0
@@ -126,6 +126,10 @@ def test_same_pipeline_and_seed_give_the_same_weights_and_onnx(tiny_pipeline, tm
         sb = torch.load(outs[1] / vb["files"]["checkpoint"], weights_only=True)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
         assert (outs[0] / va["files"]["onnx"]).read_bytes() == (outs[1] / vb["files"]["onnx"]).read_bytes()
+        plans = [o / "variants" / va["name"] / "plan.json" for o in outs]  # the masks' provenance
+        assert plans[0].exists() == plans[1].exists()
+        if plans[0].exists():
+            assert plans[0].read_bytes() == plans[1].read_bytes()
 
 
 def test_a_failed_forced_run_keeps_the_old_results(tiny_pipeline, tmp_path, monkeypatch):
@@ -143,7 +147,9 @@ def test_a_failed_forced_run_keeps_the_old_results(tiny_pipeline, tmp_path, monk
     result = run_cli("run", str(tiny_pipeline), "-o", str(out), "--force")
     assert result.exit_code == 2 and "simulated failure" in result.output
     assert (out / "report.json").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny.yaml"]
+    # the trained models are kept for the next run (test_resume.py), and nothing else is left
+    assert "the models trained so far (agp-50, agp-80, dense) are kept in" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.resume", "run", "tiny.yaml"]
 
 
 def test_1xn_pipeline_rearranges_prunes_blocks_and_saves_a_reapplicable_plan(tmp_path):

@@ -1,9 +1,12 @@
 """The conv2d -> BSR rewrite: structure, decisions, and numerical equality with onnxruntime
 on a model with 3x3, strided, dilated, 1x1 and depthwise convs and a residual add."""
 
+import os
+
 import numpy as np
 import onnx
 import pytest
+from hypothesis import assume, given, settings, strategies as st
 import torch
 import tvm
 from onnx import TensorProto, helper, numpy_helper
@@ -267,3 +270,34 @@ def test_narrow_images_use_virtual_rows_with_the_residual_fused(tmp_path, size):
     assert compiled.info.layers[1]["reason"].endswith("; bias fused; residual add fused; relu fused")
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(onnx_model.path).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=int(os.environ.get("PRUNE2TVM_EXAMPLES", 8)), deadline=None)
+@given(c=st.integers(1, 12), ob=st.integers(1, 4), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       pad=st.integers(0, 1), dilation=st.sampled_from([1, 2]), h=st.integers(3, 12), w=st.integers(3, 12),
+       block=st.sampled_from([1, 2, 4, 8]), sparsity=st.floats(0.0, 1.0), batch=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_random_block_sparse_convs_match_onnxruntime(tmp_path_factory, c, ob, k, stride, pad, dilation, h, w, block,
+                                                      sparsity, batch, seed):
+    """A property over conv shapes, strides, paddings, dilations, blocks and sparsities
+    (all-zero and dense included): the BSR build gives onnxruntime's result."""
+    o = ob * block
+    assume(h + 2 * pad >= dilation * (k - 1) + 1 and w + 2 * pad >= dilation * (k - 1) + 1)
+    rng = np.random.default_rng(seed)
+    keep = rng.random((ob, c * k * k)) >= sparsity
+    weight = rng.standard_normal((o, c * k * k)).astype(np.float32) * np.repeat(keep, block, 0)
+    out_hw = [(n + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for n in (h, w)]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["output"], pads=[pad] * 4, kernel_shape=[k, k],
+                          strides=[stride, stride], dilations=[dilation, dilation])], "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, c, h, w])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, o, *out_hw])],
+        [numpy_helper.from_array(weight.reshape(o, c, k, k), "w")])
+    path = tmp_path_factory.mktemp("conv") / "conv.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), path)
+    compiled = compile_onnx(path, load_target("x86"), {"input": [batch, c, h, w]},
+                            sparsify=SparsifyOptions((block, 1), 0.0))
+    assert compiled.info.layers[0]["kind"] == "bsr", compiled.info.layers[0]
+    x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-4)

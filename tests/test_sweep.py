@@ -3,9 +3,6 @@ stored results that are unusable, variants a method cannot make, and `report` ac
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ from prune2tvm.measure.profile import attribute
 from prune2tvm.report import Variant
 from prune2tvm.runtime import Model
 from prune2tvm.sweep import ideal_latency
-from tests.conftest import REPO, write_yaml
+from tests.conftest import write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -208,26 +205,6 @@ def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tmp_path, args,
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
-
-
-def test_an_interrupted_sweep_keeps_finished_variants_and_resumes(tmp_path):
-    pipeline = write_yaml(tmp_path, SWEEP_PIPELINE, "tinysweep.yaml")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "prune2tvm", "sweep", str(pipeline), "--sparsity", "0.5,0.9", "--bsr", "1", "-o", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=os.environ | {"PRUNE2TVM_NO_PROGRESS": "1"})
-    deadline = time.time() + 300
-    while not (out / "variants/dense/result.json").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    assert (out / "variants/dense/result.json").exists()
-    done = results(out)
-    result = run_cli("sweep", pipeline, "--sparsity", "0.5,0.9", "--bsr", "1", "-o", out)
-    assert result.exit_code == 0, result.output
-    after = results(out)
-    assert {k: after[k] for k in done} == done and set(after) == {"dense", "agp-50-1x1", "agp-90-1x1"}
-    assert not [p for p in (out / "variants").iterdir() if p.name.startswith(".")]  # no partial directories
 
 
 def test_kernel_calls_are_attributed_to_layers_in_graph_order():

@@ -250,9 +250,9 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
     """Import and rewrite; BSR kernels take their tuned parameters from ``database``. With
     ``fast_math``, erf, exp, tanh and softmax become TVM's fast approximations (vectorisable
     polynomials instead of libm calls; the build is still checked against onnxruntime)."""
-    from prune2tvm.export.onnx_export import read_onnx_io
+    from prune2tvm.onnx_input import read_io
 
-    onnx_inputs, outputs = read_onnx_io(onnx_path)
+    onnx_inputs, outputs = read_io(onnx_path)
     names = [name for name, _ in onnx_inputs]
     unknown = sorted(set(input_shapes) - set(names))
     if unknown:

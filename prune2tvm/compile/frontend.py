@@ -20,14 +20,19 @@ def import_onnx(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> 
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and friends
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    unsupported = unsupported_ops(model)
-    if unsupported:
-        raise UnsupportedError(f"{path}: the TVM ONNX importer does not support these ops: {', '.join(unsupported)}")
+    check_importable(path, model)
     try:
         return relax_onnx.from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
     except Exception as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise UnsupportedError(f"{path}: TVM cannot import the model: {first}") from None
+
+
+def check_importable(path: str | os.PathLike, model) -> None:
+    """Every op the importer cannot convert, named at once (not just the first it meets)."""
+    unsupported = unsupported_ops(model)
+    if unsupported:
+        raise UnsupportedError(f"{path}: the TVM ONNX importer does not support these ops: {', '.join(unsupported)}")
 
 
 def unsupported_ops(model) -> list[str]:

@@ -84,8 +84,9 @@ class TuningDatabase:
                 raise InputError(f"{meta_path}: unreadable tuning database metadata; remove the directory to start over") from None
             for key in ("format_version", "target", "tvm_version", "prune2tvm_version"):
                 if meta.get(key) != expected[key]:
-                    raise UnsupportedError(f"tuning database {self.path} was made for {key.replace('_', ' ')} "
-                                           f"{meta.get(key)!r}, not {expected[key]!r}; use another --db directory")
+                    made = f"was made for {key.replace('_', ' ')} {meta[key]!r}" if key in meta else f"has no {key} recorded"
+                    raise UnsupportedError(f"tuning database {self.path} {made}, not {expected[key]!r}; "
+                                           "use another --db directory")
         elif create:
             ensure_writable_dir(self.path)
             write_json(self.path / FINISHED_NAME, [])
@@ -281,14 +282,16 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
 
 
 def check_can_measure(target: TargetConfig, rpc: RpcDevice | None) -> None:
-    """Tuning measures candidates on the device: here, or through an RPC tracker."""
+    """Tuning measures candidates on the device: here, or through an RPC tracker (which must
+    answer now, before anything is written)."""
     if rpc is not None:
+        rpc.summary()
         return
     ok, why = target.runs_here()
     if ok:
         return
     if target.kind == "cuda":
-        raise UnsupportedError(f"tuning for {target.name} measures on an NVIDIA GPU and this machine has none ({why}); "
+        raise UnsupportedError(f"tuning for {target.name} measures on an NVIDIA GPU and this machine has none; "
                                "on the GPU machine run python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY, "
                                "then tune here with --rpc-tracker HOST:PORT --rpc-key KEY (make tune TARGET=cuda "
                                "RPC_TRACKER=HOST:PORT RPC_KEY=KEY)")

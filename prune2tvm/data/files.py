@@ -27,6 +27,18 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
+EXPECTED = {
+    "cifar10": "data_batch_1.bin ... test_batch.bin (CIFAR-10 binary version)",
+    "mnist": "train-images-idx3-ubyte and train-labels-idx1-ubyte (or their .gz)",
+    "imagefolder": "one directory of images per class",
+}
+
+
+def check_directory(name: str, path: str | None) -> Path:
+    """A file dataset's directory exists (checked before a run starts; its files when read)."""
+    return _directory(path, name, EXPECTED[name])
+
+
 def _directory(path: str | None, name: str, expect: str) -> Path:
     if path is None:
         raise ConfigError(f"data.path: the {name} dataset needs the directory holding {expect}")
@@ -40,7 +52,7 @@ def _directory(path: str | None, name: str, expect: str) -> Path:
 def load_cifar10(split: list[float], seed: int, path: str | None = None, image_size=None) -> DatasetSplits:
     """``path``: the ``cifar-10-batches-bin`` directory (data_batch_1..5.bin, test_batch.bin);
     files missing from it are skipped, at least one must be there."""
-    root = _directory(path, "cifar10", "data_batch_1.bin ... test_batch.bin (CIFAR-10 binary version)")
+    root = check_directory("cifar10", path)
     xs, ys = [], []
     for name in CIFAR_FILES:
         file = root / name
@@ -81,7 +93,7 @@ def _read_idx(file: Path, magic: int, dims: int) -> np.ndarray:
 def load_mnist(split: list[float], seed: int, path: str | None = None, image_size=None) -> DatasetSplits:
     """``path``: a directory with MNIST's idx files (train-images-idx3-ubyte, ...; .gz or not);
     the train pair, the t10k pair, or both."""
-    root = _directory(path, "mnist", "train-images-idx3-ubyte and train-labels-idx1-ubyte (or their .gz)")
+    root = check_directory("mnist", path)
     xs, ys = [], []
     for images, labels in MNIST_FILES:
         found = [next((root / f"{n}{s}" for s in ("", ".gz") if (root / f"{n}{s}").exists()), None)
@@ -111,7 +123,7 @@ def load_imagefolder(split: list[float], seed: int, path: str | None = None, ima
     RGB and normalised with ImageNet's mean and std."""
     from PIL import Image, UnidentifiedImageError
 
-    root = _directory(path, "imagefolder", "one directory of images per class")
+    root = check_directory("imagefolder", path)
     height, width = image_size or (224, 224)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:

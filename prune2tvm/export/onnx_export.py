@@ -59,17 +59,3 @@ def export_onnx(model: nn.Module, sample_shape: tuple[int, ...], path: str | os.
     return OnnxModel(str(path), INPUT_NAME, OUTPUT_NAME, list(sample_shape), opset, sha256_file(path), diff)
 
 
-def read_onnx_io(path: str | os.PathLike) -> tuple[list[tuple[str, list]], list[str]]:
-    """Input names with shapes (None for symbolic dims) and output names of an ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    inputs = []
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        inputs.append((value.name, dims))
-    return inputs, [o.name for o in model.graph.output]
-
