@@ -9,11 +9,16 @@ tuned again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -261,9 +266,10 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
                 runner = ms.runner.RPCRunner(rpc_config=rpc.ms_config(), max_workers=devices,
                                              evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
                                                                                         min_repeat_ms=40))
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=budget,
-                          max_trials_per_task=trials_per_task, num_trials_per_iter=trials_per_round,
-                          database=db.ms, measure_callbacks=callbacks, builder=builder, runner=runner)
+            with _ctrl_c_stops_at_once(db.path, work_dir):
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=budget,
+                              max_trials_per_task=trials_per_task, num_trials_per_iter=trials_per_round,
+                              database=db.ms, measure_callbacks=callbacks, builder=builder, runner=runner)
             say(f"  tuned in {time.perf_counter() - start:.0f} s")
         for task_id, (task, report, _) in enumerate(todo):
             best = db.best_seconds(task.dispatched[0], tgt)
@@ -298,6 +304,39 @@ def check_can_measure(target: TargetConfig, rpc: RpcDevice | None) -> None:
     raise UnsupportedError(f"tuning for {target.name} measures on the device, which is not this machine ({why}); "
                            "run python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY on the device, then "
                            "tune here with --rpc-tracker HOST:PORT --rpc-key KEY")
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_at_once(db_path: Path, work_dir: str):
+    """Ctrl-C while meta_schedule runs: stop the process at once, as a kill would.
+
+    A KeyboardInterrupt unwinding through TVM's C++ task scheduler can crash the process
+    (seen: a segfault mid-round). The database is safe against a kill (records are appended
+    one line at a time, and a line cut short is set aside on the next open), so the handler
+    ends the builder and runner workers, removes the scratch directory, says where the records
+    are and exits with 130.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        shutil.rmtree(work_dir, ignore_errors=True)
+        sys.stderr.write(f"interrupted: the records measured so far are kept in {db_path}; run the same command to "
+                         "resume\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    old = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _progress_callback(names: list[str], total: int, start: float, time_limit_s: float | None):
