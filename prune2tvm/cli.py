@@ -110,7 +110,19 @@ def cli(debug: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="prune2tvm")
+    try:
+        cli(prog_name="prune2tvm")
+        return
+    except KeyboardInterrupt:  # before a verb started (imports, parsing)
+        click.echo("interrupted", err=True)
+    except SystemExit as exc:
+        if exc.code != 130:
+            raise
+    # Interrupted: leave now. Without this, an exit after Ctrl-C during training was seen to end
+    # by SIGINT (status -2) in interpreter shutdown instead of with status 130.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 # --------------------------------------------------------------------------- run
