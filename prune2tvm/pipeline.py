@@ -100,8 +100,9 @@ def run_pipeline(cfg: PipelineConfig, options: RunOptions, source: str = "") -> 
                 # under torchrun every process must train the same models: no resuming there
                 _run_stages(cfg, target, stage, source, store if world()[1] == 1 else None)
         except BaseException:
-            if store.kept():
-                say(f"the models trained so far ({', '.join(store.kept())}) are kept in {store.root}; "
+            kept = store.kept()
+            if kept:
+                say(f"the models trained so far ({', '.join(kept)}) are kept in {store.root}; "
                     "the same run starts from them")
             raise
         store.remove()  # complete: nothing left to resume
