@@ -301,3 +301,40 @@ def test_random_block_sparse_convs_match_onnxruntime(tmp_path_factory, c, ob, k,
     x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-4)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet V2's ``x + conv(x)`` where x is itself a (linear) conv's output: both operands
+    of the add are BSR convs, and the shortcut's conv has another reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.project_in = nn.Conv2d(8, 16, 1)
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.project = nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        y = self.project_in(x)
+        return y + self.project(torch.relu(self.expand(y)))
+
+
+def test_a_shortcut_computed_by_a_bsr_conv_is_not_computed_twice(tmp_path):
+    from prune2tvm.export import export_onnx
+
+    torch.manual_seed(0)
+    model = InvertedResidual().eval()
+    for conv in (model.project_in, model.expand, model.project):
+        prune_conv_blocks(conv, 4, 0.5)
+    x = np.random.default_rng(0).standard_normal((1, 8, 14, 14)).astype(np.float32)
+    path = export_onnx(model, (8, 14, 14), tmp_path / "inverted.onnx", 17, x).path
+    mod = import_onnx(path, {"input": [1, 8, 14, 14]})
+    new, decisions = sparsify_module(mod, path, load_target("x86"), SparsifyOptions((4, 1), 0.3))
+    # three convs, three kernel calls: the add goes into the store of `project`, whose output
+    # only the add reads, not into `project_in`'s, which `expand` reads too
+    assert called(new).count("bsr_conv2d") == 3 and "relax.add" not in called(new)
+    reasons = {d.name: d.reason for d in decisions}
+    assert reasons["project.weight"].endswith("; bias fused; residual add fused")
+    assert "residual" not in reasons["project_in.weight"]
+    compiled = compile_onnx(path, load_target("x86"), {"input": [1, 8, 14, 14]}, sparsify=SparsifyOptions((4, 1), 0.3))
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)

@@ -10,7 +10,10 @@ through the reshape the dense pass puts around batched (3-D) activations.
 
 A BSR conv also takes the residual add that follows it (``add(conv, shortcut)``, ResNet's
 shortcut) as an input of its store, before the clamp, so ``relu(conv + bias + shortcut)`` is
-one pass. A bias or residual after an activation does not commute with it and is left
+one pass. Only a conv whose output nothing else reads takes the add: where both operands are
+BSR convs (MobileNet V2's ``x + conv(x)``, x itself a conv's output), the shortcut's conv
+must stay as it is, or it would be computed twice (once for its other readers, once with the
+add). A bias or residual after an activation does not commute with it and is left
 alone, as is any constant that is not per channel. Other activations (GELU, sigmoid) stay as TVM builds them.
 """
 
@@ -23,7 +26,7 @@ from typing import Callable
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, is_tuple, wildcard
+from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from prune2tvm.compile.kernels.bsr_matmul import FLT_MAX, NO_EPILOGUE, Epilogue
 from prune2tvm.compile.passes.decisions import LayerDecision, const, rewrite_functions, static_shape
@@ -67,8 +70,6 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
     produced = kernel_call | reshape
     bias = is_const() | is_op("relax.reshape")(is_const(), wildcard())
     add = is_op("relax.add")(produced, bias) | is_op("relax.add")(bias, produced)
-    shortcut = wildcard()  # a residual: any tensor of the kernel's output shape (ResNet's shortcut)
-    residual = is_op("relax.add")(kernel_call, shortcut) | is_op("relax.add")(shortcut, kernel_call)
     scalar = is_const()
     # ONNX's Clip arrives as TE maximum / minimum kernels whose bound is where(isnan(c), inf, c)
     checked, bound = is_const(), is_const()
@@ -91,17 +92,6 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
         args = list(kcall.args[1].fields)
         gvar = kcall.args[0]
         decision = info.decision_for(kcall)
-        if call.op.name == "relax.add" and shortcut in matches:
-            other = matches[shortcut]
-            if not info.takes_residual or info.epilogue.residual or isinstance(other, tvm.ir.GenericConst) \
-                    or static_shape(other) != out_shape or other.ty.dtype != "float32":
-                return call
-            epilogue = dataclasses.replace(info.epilogue, residual=True)
-            gvar = builder.add_func(info.make(epilogue), gvar.name_hint)
-            kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
-            args[-2] = relax.op.reshape(other, [int(np.prod(out_shape))])
-            decision.reason += "; residual add fused"
-            return relax.call_tir(gvar, args, kcall.ty)
         if call.op.name == "relax.add":
             vector = _per_channel(_constant(matches[bias]), out_shape, axis)
             if vector is None:
@@ -124,8 +114,66 @@ def fuse_epilogues(mod: tvm.IRModule, kernels: KernelRegistry) -> tvm.IRModule:
             new = relax.op.reshape(new, matches[reshape].args[1])
         return new
 
-    # the kernels replaced by their ReLU variants are no longer called
-    return relax.transform.DeadCodeElimination()(rewrite_functions(mod, builder, add | residual | clamp, rewrite))
+    # bias and clamp; then residual adds (their operands' uses counted on the result); then a
+    # clamp after a residual add. The kernels replaced by their variants are no longer called.
+    mod = rewrite_functions(mod, builder, add | clamp, rewrite)
+    mod = _fuse_residuals(mod, kernels, builder)
+    return relax.transform.DeadCodeElimination()(rewrite_functions(mod, builder, add | clamp, rewrite))
+
+
+def _fuse_residuals(mod: tvm.IRModule, kernels: KernelRegistry, builder: relax.BlockBuilder) -> tvm.IRModule:
+    """``add(a, b)`` -> a's kernel with b added in its store, where a is a BSR conv's output
+    that only this add reads (else b's, the same way round)."""
+    pattern = is_op("relax.add")(wildcard(), wildcard())
+    functions = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        values, uses = relax.analysis.get_var2val(func), _use_counts(func)
+
+        def rewrite(call: relax.Call, matches: dict, values=values, uses=uses) -> relax.Expr:
+            out_shape = static_shape(call)
+            for mine, other in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                kcall = values.get(mine) if isinstance(mine, relax.Var) else None
+                if kcall is None or uses.get(mine) != 1 or mine.same_as(other) or not _is_call_tir(kcall):
+                    continue
+                info = kernels.get(getattr(kcall.args[0], "name_hint", None))
+                if info is None or not info.takes_residual or info.epilogue.residual or info.epilogue.activation \
+                        or isinstance(other, tvm.ir.GenericConst) or out_shape is None \
+                        or static_shape(kcall) != out_shape or static_shape(other) != out_shape \
+                        or other.ty.dtype != "float32":
+                    continue
+                epilogue = dataclasses.replace(info.epilogue, residual=True)
+                gvar = builder.add_func(info.make(epilogue), kcall.args[0].name_hint)
+                kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
+                args = list(kcall.args[1].fields)
+                args[-2] = relax.op.reshape(other, [int(np.prod(out_shape))])
+                info.decision_for(kcall).reason += "; residual add fused"
+                return relax.call_tir(gvar, args, kcall.ty)
+            return call
+
+        functions[gv] = rewrite_call(pattern, rewrite, func)
+    new_mod = builder.get()
+    for gv, func in functions.items():
+        new_mod[gv] = func
+    return new_mod
+
+
+def _is_call_tir(expr: relax.Expr) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir"
+
+
+def _use_counts(func: relax.Function) -> dict:
+    """Var -> how many bindings (and the function's result) read it."""
+    counts: dict = {}
+    body = func.body
+    for block in body.blocks:
+        for binding in block.bindings:
+            for var in relax.analysis.free_vars(binding.value):
+                counts[var] = counts.get(var, 0) + 1
+    for var in relax.analysis.free_vars(body.body):
+        counts[var] = counts.get(var, 0) + 1
+    return counts
 
 
 def _clamp_of(call: relax.Call, scalar: relax.Constant | None, mod: tvm.IRModule,
