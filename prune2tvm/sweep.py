@@ -274,6 +274,7 @@ class Sweep:
 
         data, dense = self._dense_model(load_data(self.cfg))
         save_test_split(self.out, data)
+        self._dense_logits = self._logits(dense, data.test.x)
         if todo[0].prune is None:  # the dense variant: every other one is measured beside it
             results["dense"] = self._variant(todo.pop(0), dense, data, None)
         baseline = self._baseline() if todo else None
@@ -288,6 +289,15 @@ class Sweep:
                 message = str(exc).splitlines()[0]
                 say(f"  {spec.name}: failed: {message}")
                 results[spec.name] = self._failed(spec, message)
+
+    @staticmethod
+    def _logits(model, x):
+        import torch
+
+        from prune2tvm.measure.accuracy import logits_batched
+
+        with torch.no_grad():
+            return logits_batched(lambda xb: model(torch.from_numpy(xb)).numpy(), x, 256)
 
     def _baseline(self):
         """The dense variant's TVM build and onnxruntime session, measured beside every variant."""
@@ -314,7 +324,7 @@ class Sweep:
         import numpy as np
         import torch
 
-        from prune2tvm.measure.accuracy import agreement, logits_batched, top_k
+        from prune2tvm.measure.accuracy import agreement, fidelity, logits_batched, top_k
         from prune2tvm.measure.latency import measure_interleaved
         from prune2tvm.measure.profile import profile_layers
         from prune2tvm.onnxrt import session
@@ -340,14 +350,15 @@ class Sweep:
             ort = session(onnx_model.path, threads=self._threads())
             with phase("evaluate", f"{spec.name}: {cfg.data.dataset} test split with torch, onnxruntime and TVM"):
                 with torch.no_grad():
-                    logits = {"torch": logits_batched(lambda xb: model(torch.from_numpy(xb)).numpy(), x_test, 256),
+                    logits = {"torch": self._logits(model, x_test),
                               "onnxruntime": logits_batched(lambda xb: ort.run(None, {name: xb})[0], x_test, len(x_test)),
                               "tvm": logits_batched(lambda xb: compiled.run({name: xb})[0], x_test, batch)}
                 acc = {k: top_k(v, y_test, 1) for k, v in logits.items()}
                 top5 = {k: top_k(v, y_test, 5) for k, v in logits.items()} if data.num_classes > 5 else {}
                 preds = {k: v.argmax(1) for k, v in logits.items()}
                 agree = {k: agreement(p, preds["torch"]) for k, p in preds.items() if k != "torch"}
-                say("  top-1 " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
+                same = fidelity(logits["tvm"], self._dense_logits)
+                say("  top-1 " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()) + f"; fidelity {same:.4f}")
             feeds = {name: np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])))}
             calls = {"tvm": compiled.bind(feeds)}
             if baseline is not None:
@@ -389,7 +400,7 @@ class Sweep:
                 compiled_layers=layers_info, block=[spec.block, 1] if spec.prune else None, top5=top5,
                 params={"total": total, "nonzero": nonzero},
                 macs={"dense": sum(r["macs_dense"] for r in summary), "effective": sum(r["macs_effective"] for r in summary)},
-                size_bytes=sizes, profile=profile.to_json(), reference_profile=reference, key=self.key(spec))
+                size_bytes=sizes, fidelity=same, profile=profile.to_json(), reference_profile=reference, key=self.key(spec))
             write_json(stage / RESULT_JSON, {"key": variant.key, "variant": dataclasses.asdict(variant)})
         return variant
 

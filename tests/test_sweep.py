@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from prune2tvm.cli import cli
+from prune2tvm.measure.accuracy import fidelity
 from prune2tvm.measure.profile import attribute
 from prune2tvm.report import Variant
 from prune2tvm.runtime import Model
@@ -101,13 +102,17 @@ def test_report_numbers_are_the_ones_the_artifacts_reproduce(sweep):
     _, out, report, _ = sweep
     x = np.load(out / "data/test_x.npy")
     y = np.load(out / "data/test_y.npy")
+    dense_logits = None
     for v in report["variants"][::2]:
         model = Model(out / v["files"]["tvm"])
         try:
-            preds = model({model.inputs[0]["name"]: x})[model.outputs[0]].argmax(1)
+            logits = model({model.inputs[0]["name"]: x})[model.outputs[0]]
         finally:
             model.close()
-        assert float((preds == y).mean()) == pytest.approx(v["accuracy"]["tvm"], abs=1e-9), v["name"]
+        dense_logits = logits if dense_logits is None else dense_logits  # the dense variant comes first
+        assert float((logits.argmax(1) == y).mean()) == pytest.approx(v["accuracy"]["tvm"], abs=1e-9), v["name"]
+        # fidelity is against the dense model's logits (torch's; its TVM build's agree to 1e-5)
+        assert fidelity(logits, dense_logits) == pytest.approx(v["fidelity"], abs=1e-4), v["name"]
         manifest = json.loads((out / v["files"]["tvm"] / "manifest.json").read_text())
         assert manifest["measured"]["latency_ms"]["median"] == pytest.approx(v["latency_ms"]["tvm"]["median"])
 
@@ -183,8 +188,12 @@ def test_variants_a_method_cannot_make_are_reported_and_the_sweep_goes_on(tmp_pa
     assert "not a 1xN block" in by["1xN-60-1x1"]["error"]
     assert by["1xN-60-4x1"]["error"] is None and by["1xN-60-4x1"]["latency_ms"]["tvm"]["median"] > 0
     assert by["dense"]["accuracy"]["torch"] == 1.0  # synthetic labels are the dense model's own classes
+    # a latency study: variants are ranked by how close their logits stay to the dense model's
+    assert by["dense"]["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= by["1xN-60-4x1"]["fidelity"] < 0.9999 and by["1xN-60-1x1"]["fidelity"] is None
     md = (out / "report.md").read_text()
     assert "could not be made" in md and "agreement with the dense model" in md
+    assert "the Pareto front ranks variants by it" in md and "both fidelity and TVM latency" in md
 
     oneshot = run_cli("sweep", pipeline, "--sparsity", "0.6", "--bsr", "4", "-o", tmp_path / "one")
     assert oneshot.exit_code == 0, oneshot.output
@@ -216,6 +225,32 @@ def test_kernel_calls_are_attributed_to_layers_in_graph_order():
     owner = attribute(calls, layers)
     assert owner == [0, 0, None, 1, None, 2]
     assert attribute([("matmul", [(1, 64), (64, 64)])], layers[2:]) == [None]  # an activation product: no layer
+
+
+def test_fidelity_is_the_mean_cosine_similarity_of_the_logits():
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    assert fidelity(a, a) == pytest.approx(1.0)
+    assert fidelity(a, 3 * a) == pytest.approx(1.0)  # scale does not matter
+    assert fidelity(a, -a) == pytest.approx(-1 / 3)  # two rows opposite, the all-zero rows the same
+    assert fidelity(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]])) == pytest.approx(np.sqrt(0.5))
+    assert fidelity(np.array([[0.0, 0.0]]), np.array([[1.0, 1.0]])) == 0.0
+
+
+def test_a_latency_study_ranks_variants_by_fidelity_where_agreement_cannot_tell_them_apart():
+    from prune2tvm.report import Report
+
+    def variant(name, ms, same):
+        return Variant(name=name, method="oneshot", target_sparsity=0.5, sparsity=0.5, accuracy={"tvm": 1.0},
+                       agreement={}, latency_ms={"tvm": {"median": ms}}, fidelity=same)
+
+    variants = [variant("dense", 3.0, 1.0), variant("a", 2.0, 0.95), variant("b", 1.0, 0.60), variant("c", 1.5, 0.5)]
+    study = Report("zoo", {"name": "x86"}, "0.27", 1, variants, kind="sweep",
+                   quality="top-1 agreement with the dense model on synthetic inputs")
+    assert [v.name for v in study.pareto()] == ["b", "a", "dense"]  # c: slower than b and less faithful
+    real = Report("zoo", {"name": "x86"}, "0.27", 1, variants, kind="sweep")  # test accuracy: all 100 %
+    assert [v.name for v in real.pareto()] == ["b"]
+    variants[1].fidelity = None  # a variant stored before fidelity was measured: agreement for all
+    assert not study.by_fidelity and [v.name for v in study.pareto()] == ["b"]
 
 
 def test_ideal_latency_scales_each_layer_share_by_what_pruning_left():

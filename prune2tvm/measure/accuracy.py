@@ -29,6 +29,20 @@ def logits_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch
     return np.concatenate(out)
 
 
+def fidelity(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Mean cosine similarity of each row of ``logits`` to the same row of ``reference`` (the
+    dense model's): 1.0 when the outputs point the same way. A continuous measure of how much
+    pruning changed the model, where top-1 agreement is too coarse (few samples, or a
+    random-weight model that predicts one class for every input)."""
+    a = np.asarray(logits, np.float64).reshape(len(logits), -1)
+    b = np.asarray(reference, np.float64).reshape(len(reference), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    same = (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
+    # two all-zero rows are the same output; one all-zero row shares no direction with the other
+    same = np.where(norms > 0, same, (np.abs(a).sum(1) == 0) & (np.abs(b).sum(1) == 0))
+    return float(np.clip(same, -1.0, 1.0).mean())
+
+
 def top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Fraction of rows whose label is among the ``k`` largest logits."""
     best = np.argpartition(-logits, min(k, logits.shape[1]) - 1, axis=1)[:, :k]

@@ -34,6 +34,7 @@ class Variant:
     profile: dict | None = None  # measure.profile.Profile: each layer's kernel time
     reference_profile: dict | None = None  # dense variant: onnxruntime.profile_weight_layers of its ONNX
     ideal_ms: float | None = None  # FLOP-proportional ideal: ORT dense x (1 - the pruned share of its time)
+    fidelity: float | None = None  # sweeps: mean cosine similarity of TVM's logits to the dense model's
     error: str | None = None  # the variant could not be made (reported, the sweep went on)
     key: str = ""  # the hash of the configuration it was computed from
 
@@ -78,23 +79,38 @@ class Report:
     def to_json(self) -> dict:
         return asdict(self)
 
-    def pareto(self) -> list[Variant]:
-        """Variants no other beats on both TVM accuracy and TVM latency, fastest first."""
-        done = [v for v in self.variants if v.ok and "tvm" in v.accuracy]
+    def pareto(self, by_fidelity: bool | None = None) -> list[Variant]:
+        """Variants no other beats on both quality (``quality_of``) and TVM latency, fastest first."""
+        def q(v):
+            return self.quality_of(v, by_fidelity)
+
+        done = [v for v in self.variants if v.ok and q(v) is not None]
+        ms = (lambda v: v.latency_ms["tvm"]["median"])
         front = [v for v in done if not any(
-            o.accuracy["tvm"] >= v.accuracy["tvm"] and o.latency_ms["tvm"]["median"] <= v.latency_ms["tvm"]["median"]
-            and (o.accuracy["tvm"] > v.accuracy["tvm"] or o.latency_ms["tvm"]["median"] < v.latency_ms["tvm"]["median"])
-            for o in done)]
-        return sorted(front, key=lambda v: v.latency_ms["tvm"]["median"])
+            q(o) >= q(v) and ms(o) <= ms(v) and (q(o) > q(v) or ms(o) < ms(v)) for o in done)]
+        return sorted(front, key=ms)
 
     @property
     def latency_only(self) -> bool:
         """Synthetic inputs: accuracy is only agreement with the dense model."""
         return "synthetic" in self.quality
 
+    @property
+    def by_fidelity(self) -> bool:
+        """Latency studies rank variants by fidelity (cosine similarity of the logits to the
+        dense model's), where every variant has it; top-1 agreement with a random-weight
+        model is nearly always 100 %."""
+        done = [v for v in self.variants if v.ok]
+        return self.latency_only and bool(done) and all(v.fidelity is not None for v in done)
+
+    def quality_of(self, v: Variant, by_fidelity: bool | None = None) -> float | None:
+        """The quality axis of the Pareto front: fidelity in a latency study (or as asked), else
+        TVM top-1."""
+        return v.fidelity if (self.by_fidelity if by_fidelity is None else by_fidelity) else v.accuracy.get("tvm")
+
     def chosen(self) -> Variant | None:
         """The fastest Pareto variant within ``max_accuracy_drop`` of the dense model's accuracy
-        (latency only: the fastest variant)."""
+        (latency only: the fastest variant, the per-layer view being about speed)."""
         if self.latency_only:
             done = [v for v in self.variants if v.ok]
             return min(done, key=lambda v: v.latency_ms["tvm"]["median"]) if done else None

@@ -31,6 +31,14 @@ def _count(n: int | None) -> str:
     return str(n)
 
 
+def _fidelity(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _quality(report: Report, v: Variant) -> str:
+    return f"fidelity {_fidelity(v.fidelity)}" if report.by_fidelity else f"{_pct(v.accuracy.get('tvm'))} %"
+
+
 def _block(v: Variant) -> str:
     return "x".join(map(str, v.block)) if v.block else "-"
 
@@ -57,10 +65,13 @@ def render_sweep(report: Report) -> str:
         f"onnxruntime {report.onnxruntime_version}",
         f"- created: {report.created}" + (f" from `{report.pipeline_file}`" if report.pipeline_file else ""),
         "",
-        "| variant | block | sparsity % | top-1 % | " + ("top-5 % | " if top5 else "")
+        "- fidelity: mean cosine similarity of TVM's logits to the dense model's on the same inputs (1 = the same "
+        "outputs up to scale)" + ("; the Pareto front ranks variants by it (synthetic inputs)" if report.by_fidelity else ""),
+        "",
+        "| variant | block | sparsity % | top-1 % | " + ("top-5 % | " if top5 else "") + "fidelity | "
         + "TVM sparse ms | TVM dense ms | ORT dense ms | vs TVM dense | vs ORT | ideal ms | of ideal % "
         "| nonzero params | MACs effective | artifact KB | Pareto |",
-        "|---|---|---:|---:|" + ("---:|" if top5 else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "|---|---|---:|---:|" + ("---:|" if top5 else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for v in report.variants:
         if v.error:
@@ -69,7 +80,7 @@ def render_sweep(report: Report) -> str:
         lines.append(
             f"| {v.name} | {_block(v)} | {_pct(v.sparsity, 1)} | {_pct(v.accuracy.get('tvm'))} | "
             + (f"{_pct(v.top5.get('tvm'))} | " if top5 else "")
-            + f"{_latency(v, 'tvm')} | {_latency(v, 'tvm_dense')} | {_latency(v, 'onnxruntime')} | {_ratio(v.over_dense())} "
+            + f"{_fidelity(v.fidelity)} | {_latency(v, 'tvm')} | {_latency(v, 'tvm_dense')} | {_latency(v, 'onnxruntime')} | {_ratio(v.over_dense())} "
             f"| {_ratio(v.speedup())} | {f'{v.ideal_ms:.3f}' if v.ideal_ms else '-'} | {_pct(of_ideal(v), 0)} "
             f"| {_count(v.params.get('nonzero'))} of {_count(v.params.get('total'))} "
             f"| {_count(v.macs.get('effective'))} of {_count(v.macs.get('dense'))} "
@@ -80,9 +91,10 @@ def render_sweep(report: Report) -> str:
         lines += [f"- {v.name}: {v.error}" for v in failed]
     if report.notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in report.notes]
+    axis = "fidelity" if report.by_fidelity else "TVM accuracy"
     lines += ["", "## Pareto front", "",
-              "Variants no other variant beats on both TVM accuracy and TVM latency, fastest first: "
-              + (", ".join(f"{v.name} ({v.latency_ms['tvm']['median']:.3f} ms, {_pct(v.accuracy['tvm'])} %)"
+              f"Variants no other variant beats on both {axis} and TVM latency, fastest first: "
+              + (", ".join(f"{v.name} ({v.latency_ms['tvm']['median']:.3f} ms, {_quality(report, v)})"
                            for v in report.pareto()) or "none")]
     if chosen is not None:
         rule = (f"the fastest variant on the Pareto front whose accuracy is within {100 * report.max_accuracy_drop:g} "
@@ -135,14 +147,19 @@ def write_sweep_plot(reports: list[Report], path: Path) -> None:
     markers = "osD^vP*X"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     latencies = []
+    fidelity = all(r.by_fidelity for r in reports)  # one y axis: fidelity only if every run has it
+    scale = 1.0 if fidelity else 100.0
     for r, report in enumerate(reports):
+        def quality(v, report=report):
+            return report.quality_of(v, fidelity)
+
         color = colors[r % len(colors)]
         label = report.target.get("name") if len(reports) > 1 else None
         blocks = sorted({_block(v) for v in report.variants if v.ok})
         for b, block in enumerate(blocks):
-            vs = [v for v in report.variants if v.ok and _block(v) == block and "tvm" in v.accuracy]
+            vs = [v for v in report.variants if v.ok and _block(v) == block and quality(v) is not None]
             xs = [v.latency_ms["tvm"]["median"] for v in vs]
-            ys = [100 * v.accuracy["tvm"] for v in vs]
+            ys = [scale * quality(v) for v in vs]
             latencies += xs
             name = f"{block} blocks" if block != "-" else ("dense" if all(v.method == "dense" for v in vs) else "variants")
             ax.scatter(xs, ys, marker=markers[b % len(markers)], s=45, zorder=3,
@@ -151,9 +168,9 @@ def write_sweep_plot(reports: list[Report], path: Path) -> None:
             for v, x, y in zip(vs, xs, ys):
                 ax.annotate(v.name if len(reports) == 1 else f"{v.name}", (x, y), textcoords="offset points",
                             xytext=(5, 3), fontsize=7)
-        front = report.pareto()
+        front = report.pareto(fidelity)
         if front:
-            ax.step([v.latency_ms["tvm"]["median"] for v in front], [100 * v.accuracy["tvm"] for v in front],
+            ax.step([v.latency_ms["tvm"]["median"] for v in front], [scale * quality(v) for v in front],
                     where="post", color=color if len(reports) > 1 else "black", linewidth=1, alpha=0.7,
                     label=f"{label}: Pareto front" if label else "Pareto front")
         dense = next((v for v in report.variants if v.method == "dense" and v.ok), None)
@@ -166,8 +183,11 @@ def write_sweep_plot(reports: list[Report], path: Path) -> None:
                                label=f"{label + ': ' if label else ''}{what} ({x:.3f} ms)")
     first = reports[0]
     where = ", ".join(r.target.get("name", "?") for r in reports)
-    finish_plot(fig, ax, path, latencies, f"TVM latency, median (ms, batch {first.batch_size})",
-                f"{'agreement with dense' if 'agreement' in first.quality else 'test top-1 accuracy'} (%)",
+    if fidelity:
+        ylabel = "fidelity: cosine similarity of the logits to the dense model's"
+    else:
+        ylabel = f"{'agreement with dense' if 'agreement' in first.quality else 'test top-1 accuracy'} (%)"
+    finish_plot(fig, ax, path, latencies, f"TVM latency, median (ms, batch {first.batch_size})", ylabel,
                 f"{first.pipeline} on {where}: accuracy vs measured latency", 7, margins={"x": 0.2, "y": 0.1})
 
 
