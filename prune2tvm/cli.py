@@ -167,10 +167,13 @@ def run(pipeline: str, target: str | None, output: str | None, data_path: str | 
 @click.option("--db", "db_dir", type=click.Path(file_okay=False),
               help="Tuning database for the dense kernels (default: the target's, where 'prune2tvm tune' put it).")
 @click.option("--no-db", is_flag=True, help="Build with TVM's default schedules even where a tuning database exists.")
+@click.option("--tune-trials", type=int, default=0, show_default=True,
+              help="Tune each variant's dense kernels (tasks not yet in the database) with this many trials "
+                   "first, so TVM dense and the dense parts of sparse builds are tuned; 0: no tuning.")
 @click.option("--force", is_flag=True, help="Recompute every variant instead of reusing stored ones.")
 def sweep(pipeline: str, sparsities: str, blocks: str, method: str | None, target: str | None, output: str | None,
           max_accuracy_drop: float, data_path: str | None, checkpoint: str | None, db_dir: str | None, no_db: bool,
-          force: bool) -> None:
+          tune_trials: int, force: bool) -> None:
     """Accuracy against measured latency over sparsities x block sizes on one target: prune,
     export, compile, verify, evaluate and measure each variant; report the Pareto front and
     where the time goes. Resumable: finished variants are reused."""
@@ -181,7 +184,7 @@ def sweep(pipeline: str, sparsities: str, blocks: str, method: str | None, targe
     cfg = with_overrides(load_pipeline(pipeline), data_path, checkpoint)
     source = str(resolve_named_file(pipeline, PIPELINES_DIR, "pipeline"))
     options = SweepOptions(parse_list(sparsities, "--sparsity"), parse_list(blocks, "--bsr", int), method, target,
-                           output, force, max_accuracy_drop, db_dir, no_db)
+                           output, force, max_accuracy_drop, db_dir, no_db, tune_trials)
     out = run_sweep(cfg, options, source)
     click.echo(f"wrote {out}/report.md, {out}/report.json, {out}/accuracy_vs_latency.png")
 

@@ -135,12 +135,20 @@ def load_data(cfg: PipelineConfig):
     return data
 
 
+def random_init(cfg: PipelineConfig) -> str | None:
+    """How a random-weight dense model (synthetic data, no checkpoint, no training) is made
+    beyond its seed, for the keys of cached models; None for any other model."""
+    if cfg.data.synthetic and not cfg.model.checkpoint and cfg.train.epochs == 0:
+        return "batchnorm-calibrated"
+    return None
+
+
 def train_dense(cfg: PipelineConfig, data=None):
     """The pipeline's data (loaded unless given) and its dense model (from model.checkpoint if
     given, then trained for train.epochs), in eval mode; also what ``prune2tvm sensitivity``
     analyses."""
     from prune2tvm.models import build_model
-    from prune2tvm.train import make_optimizer, seed_everything, train_epochs
+    from prune2tvm.train import calibrate_batchnorm, make_optimizer, seed_everything, train_epochs
 
     if data is None:
         data = load_data(cfg)
@@ -156,6 +164,11 @@ def train_dense(cfg: PipelineConfig, data=None):
                                make_optimizer(dense, cfg.train), desc="train dense")
         if history:
             say(f"  loss {history[-1].loss:.4f}, val accuracy {history[-1].val_accuracy:.4f}")
+        if random_init(cfg):
+            calibrated = calibrate_batchnorm(dense, data.train.x)
+            if calibrated:
+                say(f"  random weights: {calibrated} batch-norm layers calibrated on the synthetic train split, "
+                    "so the output depends on the input")
         dense.eval()
     return labelled(cfg, data, dense), dense, history
 
@@ -253,9 +266,10 @@ def save_test_split(directory: Path, data) -> None:
 
 
 def build_variant(vdir: Path, name: str, model, plan, data, cfg: PipelineConfig, target: TargetConfig,
-                  sparsify, database=None):
+                  sparsify, database=None, tune_trials: int = 0):
     """A variant's files in ``vdir``: model.pt, plan.json, model.onnx (checked against torch)
-    and tvm/ (the artifact, checked against onnxruntime). Returns (onnx model, compiled model)."""
+    and tvm/ (the artifact, checked against onnxruntime). Returns (onnx model, compiled model).
+    With ``tune_trials``, the tasks of what stays dense that ``database`` lacks are tuned first."""
     import numpy as np
 
     from prune2tvm.compile import compile_onnx
@@ -268,9 +282,20 @@ def build_variant(vdir: Path, name: str, model, plan, data, cfg: PipelineConfig,
         plan.save(vdir / "plan.json")
     with phase("export", f"{name} -> ONNX opset {cfg.export.opset}"):
         onnx_model = export_onnx(model, data.input_shape, vdir / "model.onnx", cfg.export.opset, check_x)
-    compiled = compile_onnx(onnx_model.path, target, {onnx_model.input_name: [batch, *data.input_shape]},
+    shapes = {onnx_model.input_name: [batch, *data.input_shape]}
+    prepared = None
+    if tune_trials and database is not None:
+        from prune2tvm.compile.build import prepare_module
+        from prune2tvm.compile.tune import tune_module
+
+        prepared = prepare_module(onnx_model.path, target, shapes, sparsify, database, cfg.compile.fast_math)
+        with phase("tune", f"{name}: the dense kernels' new tasks, {tune_trials} trials at most, "
+                           f"records in {database.path}"):
+            tune_module(prepared.mod, target, database, tune_trials)
+    compiled = compile_onnx(onnx_model.path, target, shapes,
                             real_feeds={onnx_model.input_name: np.resize(check_x, (batch, *check_x.shape[1:]))},
-                            seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math, database=database)
+                            seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math, database=database,
+                            prepared=prepared)
     compiled.save(vdir / "tvm")
     return onnx_model, compiled
 

@@ -36,6 +36,10 @@ def training_key(cfg) -> str:
     parts = {k: config[k] for k in ("data", "model", "train", "prune", "seed")}
     parts["checkpoint_sha256"] = sha256_file(cfg.model.checkpoint) if cfg.model.checkpoint else None
     parts["format"], parts["version"] = FORMAT, __version__
+    from prune2tvm.pipeline import random_init
+
+    if random_init(cfg):
+        parts["random_init"] = random_init(cfg)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -60,6 +60,7 @@ class SweepOptions:
     max_accuracy_drop: float = 0.01
     db_dir: str | None = None  # tuning database (default: the target's, if it exists)
     no_db: bool = False
+    tune_trials: int = 0  # tune each variant's dense kernels (meta_schedule) with this budget first
 
 
 @dataclass
@@ -99,6 +100,10 @@ def check_options(options: SweepOptions) -> None:
         raise ConfigError(f"--method: {options.method!r} is not a method; valid: {', '.join(METHODS)}")
     if not 0.0 <= options.max_accuracy_drop <= 1.0:
         raise ConfigError(f"--max-accuracy-drop: {options.max_accuracy_drop} is out of range; valid: 0 to 1")
+    if options.tune_trials < 0:
+        raise ConfigError(f"--tune-trials: {options.tune_trials} is out of range; valid: 0 (no tuning) or more")
+    if options.tune_trials and options.no_db:
+        raise ConfigError("--tune-trials needs a tuning database to keep its records; drop --no-db")
 
 
 def plan_variants(cfg: PipelineConfig, options: SweepOptions) -> list[VariantSpec]:
@@ -142,13 +147,20 @@ class Sweep:
         self.threshold = bsr.threshold if bsr is not None else DEFAULT_THRESHOLD
         base = {k: v for k, v in cfg.to_dict().items() if k not in ("prune", "name", "description", "output")}
         base["model_checkpoint_sha256"] = _file_digest(cfg.model.checkpoint)
+        from prune2tvm.pipeline import random_init
+
+        if random_init(cfg):
+            base["random_init"] = random_init(cfg)
         self.dense_key = _hash({"format": SWEEP_FORMAT, "data": base["data"], "model": base["model"],
-                                "train": base["train"], "seed": cfg.seed, "ckpt": base["model_checkpoint_sha256"]})
+                                "train": base["train"], "seed": cfg.seed, "ckpt": base["model_checkpoint_sha256"],
+                                **({"init": base["random_init"]} if "random_init" in base else {})})
         from prune2tvm.compile.tune import open_database
 
-        self.database = None if options.no_db else open_database(self.target, options.db_dir, create=False)
+        self.database = None if options.no_db else open_database(self.target, options.db_dir,
+                                                                 create=options.tune_trials > 0)
         self.base = {"format": SWEEP_FORMAT, "config": base, "threshold": self.threshold,
                      "database": None if self.database is None else str(self.database.path),
+                     **({"tune_trials": options.tune_trials} if options.tune_trials else {}),
                      "target": self.target.to_dict() | {"path": ""}, "prune2tvm": prune2tvm.__version__}
         self.base_key = _hash(self.base)
 
@@ -345,7 +357,7 @@ class Sweep:
         sparsify = sparsify_options((1, 1), 1.0) if spec.prune is None else sparsify_options((spec.block, 1), self.threshold)
         with staged_dir(self.out / "variants" / spec.name, force=True, what="variant") as stage:
             onnx_model, compiled = build_variant(stage, spec.name, model, plan, data, cfg, self.target, sparsify,
-                                                 self.database)
+                                                 self.database, self.options.tune_trials)
             name = onnx_model.input_name
             ort = session(onnx_model.path, threads=self._threads())
             with phase("evaluate", f"{spec.name}: {cfg.data.dataset} test split with torch, onnxruntime and TVM"):
@@ -427,7 +439,10 @@ class Sweep:
             notes=[f"Each variant's TVM build runs every layer whose R x 1 block sparsity reaches "
                    f"{self.threshold} as BSR kernels, R being its block size; TVM dense is the dense model's TVM "
                    "build; TVM sparse, TVM dense and onnxruntime dense were measured in alternating rounds in one "
-                   "process, per variant. " + (f"Dense kernels use the tuning records in {self.database.path}."
+                   "process, per variant. " + (f"Dense kernels use the tuning records in {self.database.path}"
+                                               + (f", each variant's new tasks tuned first with a budget of "
+                                                  f"{self.options.tune_trials} trials (meta_schedule)."
+                                                  if self.options.tune_trials else ".")
                                                if self.database is not None else
                                                "Dense kernels use TVM's default (untuned) schedules: run "
                                                "'prune2tvm tune' on the dense model.onnx to tune them."),

@@ -83,6 +83,34 @@ def train_epochs(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, e
 
 
 @torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 16) -> int:
+    """Set every batch-norm layer's running mean and variance to the statistics of ``x`` as it
+    reaches that layer (a cumulative average over batches; weights untouched). A randomly
+    initialised network with default statistics (mean 0, variance 1) loses its signal layer by
+    layer: a random MobileNet V2's logits are its classifier's bias for every input, so no
+    pruning changes them. Calibrated, each layer passes on unit-variance activations and the
+    output depends on the input. Returns the number of layers calibrated."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(x) == 0:
+        return 0
+    model.eval()
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calls
+        m.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                model(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])))
+    finally:
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum = momentum
+            m.train(training)
+    model.eval()
+    return len(norms)
+
+
 def predict_torch(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Class predictions (argmax of the logits) for every row of ``x``."""
     model.eval()

@@ -41,3 +41,31 @@ def test_bert_base_has_bert_dimensions():
     layers = model.layers
     assert len(layers) == 12
     assert layers[0].query.weight.shape == (768, 768) and layers[0].intermediate.weight.shape == (3072, 768)
+
+
+def test_batchnorm_calibration_lets_a_random_network_see_its_input():
+    """A random MobileNet V2 with default batch-norm statistics gives the same logits for every
+    input (its classifier's bias), so a latency study could not tell a pruned model from the
+    dense one. Calibrated on sample inputs, its output depends on the input."""
+    import copy
+
+    from prune2tvm.train import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", (3, 64, 64), 100).eval()
+    x = torch.randn(12, 3, 64, 64)
+
+    def spread(m):  # how much the logits vary across inputs, relative to their mean
+        with torch.no_grad():
+            y = m(x)
+        return float((y - y.mean(0)).norm(dim=1).mean() / y.mean(0).norm())
+
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    before = spread(model)
+    calibrated = copy.deepcopy(model)
+    assert calibrate_batchnorm(calibrated, x.numpy(), batch_size=4) == 52
+    assert before < 1e-4 and spread(calibrated) > 0.05
+    assert not calibrated.training and all(m.momentum == 0.1 for m in calibrated.modules()
+                                           if isinstance(m, torch.nn.BatchNorm2d))
+    state = calibrated.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())  # only the statistics moved

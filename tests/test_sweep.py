@@ -207,6 +207,8 @@ def test_variants_a_method_cannot_make_are_reported_and_the_sweep_goes_on(tmp_pa
     (["--sparsity", "0.5", "--bsr", "4,0"], "--bsr: 0 is not a block size"),
     (["--sparsity", "0.5,0.5"], "repeats a value"),
     (["--sparsity", "0.5", "--max-accuracy-drop", "2"], "--max-accuracy-drop: 2.0 is out of range"),
+    (["--sparsity", "0.5", "--tune-trials", "-1"], "--tune-trials: -1 is out of range"),
+    (["--sparsity", "0.5", "--tune-trials", "8", "--no-db"], "--tune-trials needs a tuning database"),
 ])
 def test_bad_sweep_options_are_one_line_errors_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "out"
@@ -264,3 +266,34 @@ def test_ideal_latency_scales_each_layer_share_by_what_pruning_left():
     half = variant("v", [0.5, 0.0], 12.0)  # measured beside its own baseline: 12 ms
     assert ideal_latency(half, dense) == pytest.approx(12.0 * (1 - 0.4 * 0.5 - 0.2 * 1.0))
     assert ideal_latency(dense, dense) == pytest.approx(10.0)
+
+
+def test_tune_trials_tunes_what_stays_dense_once_and_the_report_says_so(tmp_path):
+    """--tune-trials: the dense variant's tasks are tuned into the database before it is built;
+    the 90 % 4x1 variant tunes only what it still has dense and the dense variant had not (its
+    10-class output layer, not divisible into 4x1 blocks, is a new shape); a re-run reuses
+    everything."""
+    pipeline = write_yaml(tmp_path, """\
+        version: 1
+        name: synthtune
+        data: {dataset: synthetic, shape: [1, 8, 8], num_classes: 10, samples: 30}
+        model: {name: mlp}
+        train: {epochs: 0}
+        prune: {method: oneshot}
+        measure: {batch_size: 1, warmup: 1, repeat: 4, rounds: 1}
+    """)
+    out, db = tmp_path / "out", tmp_path / "db"
+    args = ("sweep", pipeline, "--sparsity", "0.9", "--bsr", "4", "--tune-trials", "8", "--db", db, "-o", out)
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    tunings = result.output.split("[tune] ")[1:]
+    assert [t.split(":")[0] for t in tunings[::2]] == ["dense", "oneshot-90-4x1"]
+    assert "0 task(s) need none" in tunings[0] and "tuning 1 task(s)" in tunings[2]
+    assert "3 task(s) need none" in tunings[2]  # the dense variant's, already in the database
+    records = [json.loads(line) for line in (db / "records.json").read_text().splitlines() if line.strip()]
+    assert records  # the dense model's kernels measured into the database
+    md = (out / "report.md").read_text()
+    assert f"tuning records in {db}, each variant's new tasks tuned first with a budget of 8 trials" in md
+    before = results(out)
+    again = run_cli(*args)
+    assert again.exit_code == 0 and "[tune]" not in again.output and results(out) == before
