@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from prune2tvm.compile.build import cuda_sources
 from prune2tvm.compile.kernels.bsr_matmul import (FLT_MAX, GEMV_MAX_ROWS, NO_EPILOGUE, BsrMatmulShape, Epilogue,
-                                                  bsr_matmul_cpu, bsr_matmul_cuda)
+                                                  bsr_matmul_cpu, bsr_matmul_cuda, staged_groups)
 from prune2tvm.sparse import BsrMatrix, block_sparsity, bsr_matmul_reference
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("target.llvm_get_system_cpu")()})
@@ -57,6 +57,8 @@ def test_bsr_matrix_round_trip_and_block_sparsity():
     (17, 64, 32, (4, 1), 0.8, 16),  # rows not a multiple of the vector width
     (33, 40, 24, (2, 4), 0.6, 8),
     (128, 96, 64, (16, 1), 0.9, 16),
+    (40, 48, 256, (1, 1), 0.7, 16),   # staged through whole 16-column lines, a partial last panel
+    (130, 32, 512, (2, 1), 0.5, 16),
     (7, 32, 16, (1, 1), 0.0, 16),   # fully dense
     (1, 32, 16, (1, 1), 0.0, 16),
 ])
@@ -68,6 +70,14 @@ def test_cpu_kernels_match_numpy(m, k, n, block, sparsity, lanes):
     expected = bsr_matmul_reference(x, bsr)
     np.testing.assert_allclose(expected, x @ w.T, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(run_cpu(x, bsr, lanes), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_narrow_blocks_at_many_rows_store_whole_lines_through_a_stage():
+    """The shapes above that claim to test the staged kernel do reach it."""
+    assert staged_groups(BsrMatmulShape(40, 48, 256, (1, 1), 1), 16) == 16
+    assert staged_groups(BsrMatmulShape(130, 32, 512, (2, 1), 1), 16) == 8
+    assert staged_groups(BsrMatmulShape(128, 96, 64, (16, 1), 1), 16) == 0  # 16 x 1 stores whole vectors
+    assert staged_groups(BsrMatmulShape(128, 96, 40, (1, 1), 1), 16) == 0  # 40 outputs: no whole lines
 
 
 @pytest.mark.parametrize("m", [1, 9])
@@ -107,13 +117,14 @@ def test_cuda_kernel_builds_and_compiles_with_nvcc():
         assert nvcc.compile_cuda(source, target_format="fatbin", arch="sm_80", compiler="nvcc")
 
 
-@pytest.mark.parametrize("m", [1, 37])  # the GEMV and the GEMM path
-def test_fused_bias_and_relu_match_numpy(m):
+@pytest.mark.parametrize("m, n, block", [(1, 48, (4, 1)), (37, 48, (4, 1)),  # the GEMV and the GEMM path
+                                          (37, 256, (1, 1))])  # GEMM, staged
+def test_fused_bias_and_relu_match_numpy(m, n, block):
     rng = np.random.default_rng(m)
-    w = block_sparse_weight(rng, 48, 32, (4, 1), 0.7, empty_rows=[2])
+    w = block_sparse_weight(rng, n, 32, block, 0.7, empty_rows=[2])
     x = rng.standard_normal((m, 32)).astype(np.float32)
-    bias = rng.standard_normal(48).astype(np.float32)
-    got = run_cpu(x, BsrMatrix.from_dense(w, (4, 1)), bias=bias, epilogue=Epilogue(0.0, FLT_MAX))
+    bias = rng.standard_normal(n).astype(np.float32)
+    got = run_cpu(x, BsrMatrix.from_dense(w, block), bias=bias, epilogue=Epilogue(0.0, FLT_MAX))
     want = np.maximum(x @ w.T + bias, 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert (got == 0).any() and (got > 0).any()  # the clamp did something, not everything
