@@ -59,6 +59,7 @@ def test_bsr_matrix_round_trip_and_block_sparsity():
     (128, 96, 64, (16, 1), 0.9, 16),
     (40, 48, 256, (1, 1), 0.7, 16),   # staged through whole 16-column lines, a partial last panel
     (130, 32, 512, (2, 1), 0.5, 16),
+    (37, 50, 64, (4, 1), 0.7, 16),    # 16 x 16 blocks of x packed by shuffles, the edges gathered
     (7, 32, 16, (1, 1), 0.0, 16),   # fully dense
     (1, 32, 16, (1, 1), 0.0, 16),
 ])

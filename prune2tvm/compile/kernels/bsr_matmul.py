@@ -104,6 +104,57 @@ def _store_transposed(out, acc, u, rc, row, col):
         T.buffer_store(out, _row(_transposed_rows(acc, u, rc), 3, lane), [row + 4 * lane + 3, T.Ramp(col, 1, rc)])
 
 
+def _x_transposed(x, row, col, j, lane):
+    """x[row:row + 16, col + 4 * lane + j] as one vector, from a 16 x 16 in-register transpose
+    of x[row:row + 16, col:col + 16] written as PrimExprs (LLVM shares the common parts)."""
+    def r(i):
+        return x.vload([row + i, col], "float32x16")
+
+    def t(i):  # pairs of rows interleaved: t(2m) low halves, t(2m + 1) high halves of rows 2m, 2m + 1
+        return T.Shuffle([r(i - i % 2), r(i - i % 2 + 1)], UNPACK_HI if i % 2 else UNPACK_LO)
+
+    def s(q):  # lane l: rows 4q .. 4q + 3 at column 4l + j
+        return T.Shuffle([t(4 * q + j // 2), t(4 * q + 2 + j // 2)], PAIR_HI if j % 2 else PAIR_LO)
+
+    return T.Shuffle([s(q) for q in range(4)], [16 * q + 4 * lane + i for q in range(4) for i in range(4)])
+
+
+@T.macro(hygienic=False)
+def _gather_panels(x, panels, M, K, PP, V, dtype):
+    """panels[p, k, v] = x[p * V + v, k] (zero past row M), element by element (any V)."""
+    for pk in T.parallel(PP * K):
+        for v in T.vectorized(V):
+            panels[pk // K, pk % K, v] = T.if_then_else(
+                (pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K], T.cast(0, dtype))
+
+
+@T.macro(hygienic=False)
+def _pack_panels(x, panels, M, K, PP, V, dtype):
+    """panels[p, k, v] = x[p * V + v, k] (zero past row M), V = 16, in parallel over blocks of 16 x 16:
+    a whole block is loaded as 16 row vectors and transposed with shuffles (about 6 instructions
+    per vector, where the column gather it replaces took about 32); blocks at the edges of x
+    are gathered element by element."""
+    for t in T.parallel(PP * ((K + 15) // 16)):
+        if T.And((t // ((K + 15) // 16) + 1) * 16 <= M, (t % ((K + 15) // 16) + 1) * 16 <= K):
+            for lane in T.unroll(4):  # j (below) must be a number: it picks shuffles
+                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 0, lane),
+                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane, T.Ramp(0, 1, 16)])
+                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 1, lane),
+                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane + 1, T.Ramp(0, 1, 16)])
+                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 2, lane),
+                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane + 2, T.Ramp(0, 1, 16)])
+                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 3, lane),
+                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane + 3, T.Ramp(0, 1, 16)])
+        else:
+            for kk in range(16):
+                if t % ((K + 15) // 16) * 16 + kk < K:
+                    for v in T.vectorized(V):
+                        panels[t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + kk, v] = T.if_then_else(
+                            t // ((K + 15) // 16) * V + v < M,
+                            x[T.min(t // ((K + 15) // 16) * V + v, M - 1), t % ((K + 15) // 16) * 16 + kk],
+                            T.cast(0, dtype))
+
+
 MAX_ACCUMULATORS = 16  # vector accumulators in flight (of 32 AVX-512 registers)
 
 
@@ -216,6 +267,7 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
     PP = PT * U  # panels, padded to a whole number of tiles
     LO, HI = epilogue.low, epilogue.high
     SHUFFLE = RC in (4, 8) and V == 16 and dtype == "float32"
+    pack = _pack_panels if V == 16 and dtype == "float32" else _gather_panels
 
     @T.prim_func(private=True)
     def bsr_gemm(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
@@ -223,10 +275,7 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
                  bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         panels = T.alloc_buffer((PP, K, V), dtype)
-        for pk in T.parallel(PP * K):
-            for v in T.vectorized(V):
-                panels[pk // K, pk % K, v] = T.if_then_else(
-                    (pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K], T.cast(0, dtype))
+        pack(x, panels, M, K, PP, V, dtype)
         for it in T.parallel(NB * PT):
             for rc in range(R // RC):
                 acc = T.alloc_buffer((UA, RC, V), dtype)
@@ -324,6 +373,7 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
     W = STAGE_COLUMNS
     LO, HI = epilogue.low, epilogue.high
     SHUFFLE = RC in (4, 8)
+    pack = _pack_panels
 
     @T.prim_func(private=True)
     def bsr_gemm_staged(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
@@ -331,10 +381,7 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
                         bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         panels = T.alloc_buffer((PP, K, V), dtype)
-        for pk in T.parallel(PP * K):
-            for v in T.vectorized(V):
-                panels[pk // K, pk % K, v] = T.if_then_else(
-                    (pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K], T.cast(0, dtype))
+        pack(x, panels, M, K, PP, V, dtype)
         for it in T.parallel(NG * PT):
             stage = T.alloc_buffer((U * V, W), dtype)
             for g in range(G):
