@@ -130,29 +130,29 @@ def _gather_panels(x, panels, M, K, PP, V, dtype):
 
 @T.macro(hygienic=False)
 def _pack_panels(x, panels, M, K, PP, V, dtype):
-    """panels[p, k, v] = x[p * V + v, k] (zero past row M), V = 16, in parallel over blocks of 16 x 16:
-    a whole block is loaded as 16 row vectors and transposed with shuffles (about 6 instructions
-    per vector, where the column gather it replaces took about 32); blocks at the edges of x
-    are gathered element by element."""
+    """panels[p, k, v] = x[p * 16 + v, k] (zero past row M), V = 16, in parallel over blocks of
+    16 x 16: a whole block is loaded as 16 row vectors and transposed with shuffles (about 6
+    instructions per vector, where the column gather it replaces took about 32); blocks at
+    the edges of x are gathered element by element."""
     for t in T.parallel(PP * ((K + 15) // 16)):
-        if T.And((t // ((K + 15) // 16) + 1) * 16 <= M, (t % ((K + 15) // 16) + 1) * 16 <= K):
-            for lane in T.unroll(4):  # j (below) must be a number: it picks shuffles
-                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 0, lane),
-                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane, T.Ramp(0, 1, 16)])
-                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 1, lane),
-                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane + 1, T.Ramp(0, 1, 16)])
-                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 2, lane),
-                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane + 2, T.Ramp(0, 1, 16)])
-                T.buffer_store(panels, _x_transposed(x, t // ((K + 15) // 16) * 16, t % ((K + 15) // 16) * 16, 3, lane),
-                               [t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + 4 * lane + 3, T.Ramp(0, 1, 16)])
-        else:
-            for kk in range(16):
-                if t % ((K + 15) // 16) * 16 + kk < K:
-                    for v in T.vectorized(V):
-                        panels[t // ((K + 15) // 16), t % ((K + 15) // 16) * 16 + kk, v] = T.if_then_else(
-                            t // ((K + 15) // 16) * V + v < M,
-                            x[T.min(t // ((K + 15) // 16) * V + v, M - 1), t % ((K + 15) // 16) * 16 + kk],
-                            T.cast(0, dtype))
+        _pack_block(x, panels, M, K, V, dtype, t // ((K + 15) // 16), t % ((K + 15) // 16) * 16)
+
+
+@T.macro(hygienic=False)
+def _pack_block(x, panels, M, K, V, dtype, p, k0):
+    """Panel p, columns k0 .. k0 + 15 of x (see ``_pack_panels``)."""
+    if T.And((p + 1) * 16 <= M, k0 + 16 <= K):
+        for lane in T.unroll(4):  # j (the 4th argument) must be a number: it picks shuffles
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 0, lane), [p, k0 + 4 * lane, T.Ramp(0, 1, 16)])
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 1, lane), [p, k0 + 4 * lane + 1, T.Ramp(0, 1, 16)])
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 2, lane), [p, k0 + 4 * lane + 2, T.Ramp(0, 1, 16)])
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 3, lane), [p, k0 + 4 * lane + 3, T.Ramp(0, 1, 16)])
+    else:
+        for kk in range(16):
+            if k0 + kk < K:
+                for v in T.vectorized(V):
+                    panels[p, k0 + kk, v] = T.if_then_else(p * V + v < M, x[T.min(p * V + v, M - 1), k0 + kk],
+                                                           T.cast(0, dtype))
 
 
 MAX_ACCUMULATORS = 16  # vector accumulators in flight (of 32 AVX-512 registers)
