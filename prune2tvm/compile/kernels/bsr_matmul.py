@@ -155,6 +155,30 @@ def _pack_block(x, panels, M, K, V, dtype, p, k0):
                                                            T.cast(0, dtype))
 
 
+@T.macro(hygienic=False)
+def _pack_panels_kmajor(x, panels, M, K, PP, V, dtype):
+    """``_pack_panels`` into panels[k, p, v]: the panels' vectors for one input position are
+    adjacent lines (the staged kernel reads all of a tile's panels per nonzero weight)."""
+    for t in T.parallel(PP * ((K + 15) // 16)):
+        _pack_block_kmajor(x, panels, M, K, V, dtype, t // ((K + 15) // 16), t % ((K + 15) // 16) * 16)
+
+
+@T.macro(hygienic=False)
+def _pack_block_kmajor(x, panels, M, K, V, dtype, p, k0):
+    if T.And((p + 1) * 16 <= M, k0 + 16 <= K):
+        for lane in T.unroll(4):
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 0, lane), [k0 + 4 * lane, p, T.Ramp(0, 1, 16)])
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 1, lane), [k0 + 4 * lane + 1, p, T.Ramp(0, 1, 16)])
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 2, lane), [k0 + 4 * lane + 2, p, T.Ramp(0, 1, 16)])
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 3, lane), [k0 + 4 * lane + 3, p, T.Ramp(0, 1, 16)])
+    else:
+        for kk in range(16):
+            if k0 + kk < K:
+                for v in T.vectorized(V):
+                    panels[k0 + kk, p, v] = T.if_then_else(p * V + v < M, x[T.min(p * V + v, M - 1), k0 + kk],
+                                                           T.cast(0, dtype))
+
+
 MAX_ACCUMULATORS = 16  # vector accumulators in flight (of 32 AVX-512 registers)
 
 
@@ -373,15 +397,14 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
     W = STAGE_COLUMNS
     LO, HI = epilogue.low, epilogue.high
     SHUFFLE = RC in (4, 8)
-    pack = _pack_panels
 
     @T.prim_func(private=True)
     def bsr_gemm_staged(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
                         indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
                         bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        panels = T.alloc_buffer((PP, K, V), dtype)
-        pack(x, panels, M, K, PP, V, dtype)
+        panels = T.alloc_buffer((K, PP, V), dtype)  # k-major: 1.07-1.08x at 1x1 (4x1, 16x1: 0.75-0.96x)
+        _pack_panels_kmajor(x, panels, M, K, PP, V, dtype)
         for it in T.parallel(NG * PT):
             stage = T.alloc_buffer((U * V, W), dtype)
             for g in range(G):
@@ -402,12 +425,12 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
                                 for r in T.unroll(RC):
                                     for v in T.vectorized(V):
                                         acc[u, r, v] = acc[u, r, v] + data[b, rc * RC + r, c] * \
-                                            panels[(it // NG) * U + u, indices[b] * C + c, v]
+                                            panels[indices[b] * C + c, (it // NG) * U + u, v]
                             for u in T.unroll(UB):
                                 for r in T.unroll(RC):
                                     for v in T.vectorized(V):
                                         acc2[u, r, v] = acc2[u, r, v] + data[b, rc * RC + r, c] * \
-                                            panels[(it // NG) * U + UA + u, indices[b] * C + c, v]
+                                            panels[indices[b] * C + c, (it // NG) * U + UA + u, v]
                     for u in T.unroll(UA):
                         for r in T.unroll(RC):
                             for v in T.vectorized(V):
