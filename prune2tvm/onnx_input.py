@@ -128,9 +128,6 @@ def static_shapes(path: str | os.PathLike, model, batch_size: int, overrides: tu
         if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
             raise InputError(f"--input-shape {name}: {shape} does not fit {path}'s {_show(dims)} "
                              f"(only its dynamic dimensions can be set)")
-        if not dims and not shape:
-            shapes[name] = []
-            continue
         unknown = [i for i, d in enumerate(shape) if d is None]
         if unknown:
             example = ",".join(str(d if d is not None else 128) for d in shape)

@@ -38,8 +38,9 @@ def training_key(cfg) -> str:
     parts["format"], parts["version"] = FORMAT, __version__
     from prune2tvm.pipeline import random_init
 
-    if random_init(cfg):
-        parts["random_init"] = random_init(cfg)
+    init = random_init(cfg)
+    if init:
+        parts["random_init"] = init
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -146,11 +147,11 @@ class ModelStore:
             "skipped": dict(result.skipped)})
 
     def _save(self, name: str, model, plan, info: dict) -> None:
-        import torch
+        from prune2tvm.pipeline import _save_checkpoint
 
         self.root.mkdir(parents=True, exist_ok=True)
         with staged_dir(self.root / name, force=True, what="a finished model") as stage:
-            torch.save(model.state_dict(), stage / "model.pt")
+            _save_checkpoint(model, stage / "model.pt")
             if plan is not None:
                 plan.save(stage / "plan.json")
             write_json(stage / INFO, {"key": self.key} | info)  # last: its presence marks the model finished

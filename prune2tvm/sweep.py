@@ -149,11 +149,12 @@ class Sweep:
         base["model_checkpoint_sha256"] = _file_digest(cfg.model.checkpoint)
         from prune2tvm.pipeline import random_init
 
-        if random_init(cfg):
-            base["random_init"] = random_init(cfg)
+        init = random_init(cfg)
+        if init:
+            base["random_init"] = init
         self.dense_key = _hash({"format": SWEEP_FORMAT, "data": base["data"], "model": base["model"],
                                 "train": base["train"], "seed": cfg.seed, "ckpt": base["model_checkpoint_sha256"],
-                                **({"init": base["random_init"]} if "random_init" in base else {})})
+                                **({"init": init} if init else {})})
         from prune2tvm.compile.tune import open_database
 
         self.database = None if options.no_db else open_database(self.target, options.db_dir,
@@ -286,9 +287,9 @@ class Sweep:
 
         data, dense = self._dense_model(load_data(self.cfg))
         save_test_split(self.out, data)
-        self._dense_logits = self._logits(dense, data.test.x)
+        dense_logits = self._logits(dense, data.test.x)  # what each variant's fidelity compares with
         if todo[0].prune is None:  # the dense variant: every other one is measured beside it
-            results["dense"] = self._variant(todo.pop(0), dense, data, None)
+            results["dense"] = self._variant(todo.pop(0), dense, data, None, dense_logits)
         baseline = self._baseline() if todo else None
         for spec in todo:
             if spec.error is not None:
@@ -296,7 +297,7 @@ class Sweep:
                 results[spec.name] = self._failed(spec, spec.error)
                 continue
             try:
-                results[spec.name] = self._variant(spec, dense, data, baseline)
+                results[spec.name] = self._variant(spec, dense, data, baseline, dense_logits)
             except (Prune2TVMError, ValueError, RuntimeError) as exc:  # this variant cannot be made; the sweep goes on
                 message = str(exc).splitlines()[0]
                 say(f"  {spec.name}: failed: {message}")
@@ -332,7 +333,7 @@ class Sweep:
             write_json(stage / RESULT_JSON, {"key": variant.key, "variant": dataclasses.asdict(variant)})
         return variant
 
-    def _variant(self, spec: VariantSpec, dense, data, baseline):
+    def _variant(self, spec: VariantSpec, dense, data, baseline, dense_logits):
         import numpy as np
         import torch
 
@@ -369,7 +370,7 @@ class Sweep:
                 top5 = {k: top_k(v, y_test, 5) for k, v in logits.items()} if data.num_classes > 5 else {}
                 preds = {k: v.argmax(1) for k, v in logits.items()}
                 agree = {k: agreement(p, preds["torch"]) for k, p in preds.items() if k != "torch"}
-                same = fidelity(logits["tvm"], self._dense_logits)
+                same = fidelity(logits["tvm"], dense_logits)
                 say("  top-1 " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()) + f"; fidelity {same:.4f}")
             feeds = {name: np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])))}
             calls = {"tvm": compiled.bind(feeds)}

@@ -34,6 +34,19 @@ def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+def synthetic_pipeline(tmp_path, name: str, model: str, samples: int, rounds: int):
+    """A latency study: random inputs of shape [1, 8, 8], 10 classes, random weights pruned one shot."""
+    return write_yaml(tmp_path, f"""\
+        version: 1
+        name: {name}
+        data: {{dataset: synthetic, shape: [1, 8, 8], num_classes: 10, samples: {samples}}}
+        model: {{name: {model}}}
+        train: {{epochs: 0}}
+        prune: {{method: oneshot}}
+        measure: {{batch_size: 1, warmup: 1, repeat: 4, rounds: {rounds}}}
+    """)
+
+
 def results(out):
     return {p.parent.name: p.stat().st_mtime_ns for p in (out / "variants").glob("*/result.json")
             if not p.parent.name.startswith(".")}
@@ -170,15 +183,7 @@ def test_report_puts_runs_side_by_side(sweep, tmp_path):
 def test_variants_a_method_cannot_make_are_reported_and_the_sweep_goes_on(tmp_path):
     """1xN needs blocks of 2 to 32 rows: --bsr 1 cannot be made, --bsr 4 can. Synthetic data
     and one-shot pruning: random weights, no training."""
-    pipeline = write_yaml(tmp_path, """\
-        version: 1
-        name: synth
-        data: {dataset: synthetic, shape: [1, 8, 8], num_classes: 10, samples: 40}
-        model: {name: cnn}
-        train: {epochs: 0}
-        prune: {method: oneshot}
-        measure: {batch_size: 1, warmup: 1, repeat: 4, rounds: 2}
-    """)
+    pipeline = synthetic_pipeline(tmp_path, "synth", "cnn", samples=40, rounds=2)
     out = tmp_path / "out"
     result = run_cli("sweep", pipeline, "--sparsity", "0.6", "--bsr", "1,4", "--method", "1xN", "-o", out)
     assert result.exit_code == 0, result.output
@@ -273,15 +278,7 @@ def test_tune_trials_tunes_what_stays_dense_once_and_the_report_says_so(tmp_path
     the 90 % 4x1 variant tunes only what it still has dense and the dense variant had not (its
     10-class output layer, not divisible into 4x1 blocks, is a new shape); a re-run reuses
     everything."""
-    pipeline = write_yaml(tmp_path, """\
-        version: 1
-        name: synthtune
-        data: {dataset: synthetic, shape: [1, 8, 8], num_classes: 10, samples: 30}
-        model: {name: mlp}
-        train: {epochs: 0}
-        prune: {method: oneshot}
-        measure: {batch_size: 1, warmup: 1, repeat: 4, rounds: 1}
-    """)
+    pipeline = synthetic_pipeline(tmp_path, "synthtune", "mlp", samples=30, rounds=1)
     out, db = tmp_path / "out", tmp_path / "db"
     args = ("sweep", pipeline, "--sparsity", "0.9", "--bsr", "4", "--tune-trials", "8", "--db", db, "-o", out)
     result = run_cli(*args)

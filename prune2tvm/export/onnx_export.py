@@ -57,5 +57,3 @@ def export_onnx(model: nn.Module, sample_shape: tuple[int, ...], path: str | os.
             raise NumericalMismatchError(
                 f"ONNX export of {path.name} disagrees with torch: max abs diff {diff:.3g} > tolerance {tolerance:.3g}")
     return OnnxModel(str(path), INPUT_NAME, OUTPUT_NAME, list(sample_shape), opset, sha256_file(path), diff)
-
-

@@ -120,63 +120,90 @@ def _x_transposed(x, row, col, j, lane):
 
 
 @T.macro(hygienic=False)
-def _gather_panels(x, panels, M, K, PP, V, dtype):
-    """panels[p, k, v] = x[p * V + v, k] (zero past row M), element by element (any V)."""
+def _gather_panels(x, panels, M, K, PP, V, dtype, at):
+    """panels[p, k, v] = x[p * V + v, k] (zero past row M), stored at ``at(p, k, v)``, element
+    by element (any V)."""
     for pk in T.parallel(PP * K):
         for v in T.vectorized(V):
-            panels[pk // K, pk % K, v] = T.if_then_else(
-                (pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K], T.cast(0, dtype))
+            T.buffer_store(panels, T.if_then_else((pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K],
+                                                  T.cast(0, dtype)), at(pk // K, pk % K, v))
+
+
+def _panel_major(p, k, v):
+    """Index of panels[p, k, v] in the panel-major layout [panels, K, V]."""
+    return [p, k, v]
+
+
+def _k_major(p, k, v):
+    """Index of panels[p, k, v] in the k-major layout [K, panels, V]: a tile's panels for one
+    input position are adjacent lines."""
+    return [k, p, v]
 
 
 @T.macro(hygienic=False)
-def _pack_panels(x, panels, M, K, PP, V, dtype):
-    """panels[p, k, v] = x[p * 16 + v, k] (zero past row M), V = 16, in parallel over blocks of
-    16 x 16: a whole block is loaded as 16 row vectors and transposed with shuffles (about 6
-    instructions per vector, where the column gather it replaces took about 32); blocks at
-    the edges of x are gathered element by element."""
+def _pack_panels(x, panels, M, K, PP, V, dtype, at):
+    """panels[p, k, v] = x[p * 16 + v, k] (zero past row M), V = 16, stored at ``at(p, k, v)``
+    (``_panel_major`` or ``_k_major``), in parallel over blocks of 16 x 16: a whole block is
+    loaded as 16 row vectors and transposed with shuffles (about 6 instructions per vector,
+    where the column gather it replaces took about 32); blocks at the edges of x are gathered
+    element by element."""
     for t in T.parallel(PP * ((K + 15) // 16)):
-        _pack_block(x, panels, M, K, V, dtype, t // ((K + 15) // 16), t % ((K + 15) // 16) * 16)
+        _pack_block(x, panels, M, K, V, dtype, at, t // ((K + 15) // 16), t % ((K + 15) // 16) * 16)
 
 
 @T.macro(hygienic=False)
-def _pack_block(x, panels, M, K, V, dtype, p, k0):
+def _pack_block(x, panels, M, K, V, dtype, at, p, k0):
     """Panel p, columns k0 .. k0 + 15 of x (see ``_pack_panels``)."""
     if T.And((p + 1) * 16 <= M, k0 + 16 <= K):
         for lane in T.unroll(4):  # j (the 4th argument) must be a number: it picks shuffles
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 0, lane), [p, k0 + 4 * lane, T.Ramp(0, 1, 16)])
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 1, lane), [p, k0 + 4 * lane + 1, T.Ramp(0, 1, 16)])
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 2, lane), [p, k0 + 4 * lane + 2, T.Ramp(0, 1, 16)])
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 3, lane), [p, k0 + 4 * lane + 3, T.Ramp(0, 1, 16)])
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 0, lane), at(p, k0 + 4 * lane, T.Ramp(0, 1, 16)))
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 1, lane), at(p, k0 + 4 * lane + 1, T.Ramp(0, 1, 16)))
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 2, lane), at(p, k0 + 4 * lane + 2, T.Ramp(0, 1, 16)))
+            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 3, lane), at(p, k0 + 4 * lane + 3, T.Ramp(0, 1, 16)))
     else:
         for kk in range(16):
             if k0 + kk < K:
                 for v in T.vectorized(V):
-                    panels[p, k0 + kk, v] = T.if_then_else(p * V + v < M, x[T.min(p * V + v, M - 1), k0 + kk],
-                                                           T.cast(0, dtype))
+                    T.buffer_store(panels, T.if_then_else(p * V + v < M, x[T.min(p * V + v, M - 1), k0 + kk],
+                                                          T.cast(0, dtype)), at(p, k0 + kk, v))
 
 
 @T.macro(hygienic=False)
-def _pack_panels_kmajor(x, panels, M, K, PP, V, dtype):
-    """``_pack_panels`` into panels[k, p, v]: the panels' vectors for one input position are
-    adjacent lines (the staged kernel reads all of a tile's panels per nonzero weight)."""
-    for t in T.parallel(PP * ((K + 15) // 16)):
-        _pack_block_kmajor(x, panels, M, K, V, dtype, t // ((K + 15) // 16), t % ((K + 15) // 16) * 16)
+def _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, start, end, rc, C, panel):
+    """Zero the accumulators, then add every block b in [start, end) of the block row: acc
+    holds panels 0 .. UA - 1 of the task, acc2 the UB after them; ``panel(u, k, v)`` reads
+    the task's panel u at input position k."""
+    for u in T.unroll(UA):
+        for r in T.unroll(RC):
+            for v in T.vectorized(V):
+                acc[u, r, v] = T.cast(0, dtype)
+    for u in T.unroll(UB):
+        for r in T.unroll(RC):
+            for v in T.vectorized(V):
+                acc2[u, r, v] = T.cast(0, dtype)
+    for b in range(start, end):
+        for c in T.unroll(C):
+            for u in T.unroll(UA):
+                for r in T.unroll(RC):
+                    for v in T.vectorized(V):
+                        acc[u, r, v] = acc[u, r, v] + data[b, rc * RC + r, c] * panel(u, indices[b] * C + c, v)
+            for u in T.unroll(UB):
+                for r in T.unroll(RC):
+                    for v in T.vectorized(V):
+                        acc2[u, r, v] = acc2[u, r, v] + data[b, rc * RC + r, c] * panel(UA + u, indices[b] * C + c, v)
 
 
 @T.macro(hygienic=False)
-def _pack_block_kmajor(x, panels, M, K, V, dtype, p, k0):
-    if T.And((p + 1) * 16 <= M, k0 + 16 <= K):
-        for lane in T.unroll(4):
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 0, lane), [k0 + 4 * lane, p, T.Ramp(0, 1, 16)])
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 1, lane), [k0 + 4 * lane + 1, p, T.Ramp(0, 1, 16)])
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 2, lane), [k0 + 4 * lane + 2, p, T.Ramp(0, 1, 16)])
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 3, lane), [k0 + 4 * lane + 3, p, T.Ramp(0, 1, 16)])
-    else:
-        for kk in range(16):
-            if k0 + kk < K:
-                for v in T.vectorized(V):
-                    panels[k0 + kk, p, v] = T.if_then_else(p * V + v < M, x[T.min(p * V + v, M - 1), k0 + kk],
-                                                           T.cast(0, dtype))
+def _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias, col, LO, HI):
+    """The epilogue in place: acc[u, r, :] + bias[col + r], clamped to [LO, HI]."""
+    for u in T.unroll(UA):
+        for r in T.unroll(RC):
+            for v in T.vectorized(V):
+                acc[u, r, v] = T.min(T.max(acc[u, r, v] + bias[col + r], T.cast(LO, dtype)), T.cast(HI, dtype))
+    for u in T.unroll(UB):
+        for r in T.unroll(RC):
+            for v in T.vectorized(V):
+                acc2[u, r, v] = T.min(T.max(acc2[u, r, v] + bias[col + r], T.cast(LO, dtype)), T.cast(HI, dtype))
 
 
 MAX_ACCUMULATORS = 16  # vector accumulators in flight (of 32 AVX-512 registers)
@@ -299,41 +326,14 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
                  bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         panels = T.alloc_buffer((PP, K, V), dtype)
-        pack(x, panels, M, K, PP, V, dtype)
+        pack(x, panels, M, K, PP, V, dtype, _panel_major)
         for it in T.parallel(NB * PT):
             for rc in range(R // RC):
                 acc = T.alloc_buffer((UA, RC, V), dtype)
                 acc2 = T.alloc_buffer((UB1, RC, V), dtype)
-                for u in T.unroll(UA):
-                    for r in T.unroll(RC):
-                        for v in T.vectorized(V):
-                            acc[u, r, v] = T.cast(0, dtype)
-                for u in T.unroll(UB):
-                    for r in T.unroll(RC):
-                        for v in T.vectorized(V):
-                            acc2[u, r, v] = T.cast(0, dtype)
-                for b in range(indptr[it % NB], indptr[it % NB + 1]):
-                    for c in T.unroll(C):
-                        for u in T.unroll(UA):
-                            for r in T.unroll(RC):
-                                for v in T.vectorized(V):
-                                    acc[u, r, v] = acc[u, r, v] + data[b, rc * RC + r, c] * \
-                                        panels[(it // NB) * U + u, indices[b] * C + c, v]
-                        for u in T.unroll(UB):
-                            for r in T.unroll(RC):
-                                for v in T.vectorized(V):
-                                    acc2[u, r, v] = acc2[u, r, v] + data[b, rc * RC + r, c] * \
-                                        panels[(it // NB) * U + UA + u, indices[b] * C + c, v]
-                for u in T.unroll(UA):
-                    for r in T.unroll(RC):
-                        for v in T.vectorized(V):
-                            acc[u, r, v] = T.min(T.max(acc[u, r, v] + bias[(it % NB) * R + rc * RC + r],
-                                                       T.cast(LO, dtype)), T.cast(HI, dtype))
-                for u in T.unroll(UB):
-                    for r in T.unroll(RC):
-                        for v in T.vectorized(V):
-                            acc2[u, r, v] = T.min(T.max(acc2[u, r, v] + bias[(it % NB) * R + rc * RC + r],
-                                                        T.cast(LO, dtype)), T.cast(HI, dtype))
+                _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, indptr[it % NB], indptr[it % NB + 1], rc, C,
+                            lambda u, k, v: panels[(it // NB) * U + u, k, v])
+                _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias, (it % NB) * R + rc * RC, LO, HI)
                 # Unrolled, so the accumulators never leave registers (a loop here makes LLVM
                 # keep them in memory too, zeroed by a memset per task that cost more than the
                 # work at high sparsity).
@@ -406,43 +406,16 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
                         bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         panels = T.alloc_buffer((K, PP, V), dtype)  # k-major: 1.07-1.08x at 1x1 (4x1, 16x1: 0.75-0.96x)
-        _pack_panels_kmajor(x, panels, M, K, PP, V, dtype)
+        _pack_panels(x, panels, M, K, PP, V, dtype, _k_major)
         for it in T.parallel(NG * PT):
             stage = T.alloc_buffer((W, U * V), dtype)
             for g in range(G):
                 for rc in range(R // RC):
                     acc = T.alloc_buffer((UA, RC, V), dtype)
                     acc2 = T.alloc_buffer((UB1, RC, V), dtype)
-                    for u in T.unroll(UA):
-                        for r in T.unroll(RC):
-                            for v in T.vectorized(V):
-                                acc[u, r, v] = T.cast(0, dtype)
-                    for u in T.unroll(UB):
-                        for r in T.unroll(RC):
-                            for v in T.vectorized(V):
-                                acc2[u, r, v] = T.cast(0, dtype)
-                    for b in range(indptr[(it % NG) * G + g], indptr[(it % NG) * G + g + 1]):
-                        for c in T.unroll(C):
-                            for u in T.unroll(UA):
-                                for r in T.unroll(RC):
-                                    for v in T.vectorized(V):
-                                        acc[u, r, v] = acc[u, r, v] + data[b, rc * RC + r, c] * \
-                                            panels[indices[b] * C + c, (it // NG) * U + u, v]
-                            for u in T.unroll(UB):
-                                for r in T.unroll(RC):
-                                    for v in T.vectorized(V):
-                                        acc2[u, r, v] = acc2[u, r, v] + data[b, rc * RC + r, c] * \
-                                            panels[indices[b] * C + c, (it // NG) * U + UA + u, v]
-                    for u in T.unroll(UA):
-                        for r in T.unroll(RC):
-                            for v in T.vectorized(V):
-                                acc[u, r, v] = T.min(T.max(acc[u, r, v] + bias[(it % NG) * W + g * R + rc * RC + r],
-                                                           T.cast(LO, dtype)), T.cast(HI, dtype))
-                    for u in T.unroll(UB):
-                        for r in T.unroll(RC):
-                            for v in T.vectorized(V):
-                                acc2[u, r, v] = T.min(T.max(acc2[u, r, v] + bias[(it % NG) * W + g * R + rc * RC + r],
-                                                            T.cast(LO, dtype)), T.cast(HI, dtype))
+                    _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, indptr[(it % NG) * G + g],
+                                indptr[(it % NG) * G + g + 1], rc, C, lambda u, k, v: panels[k, (it // NG) * U + u, v])
+                    _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias, (it % NG) * W + g * R + rc * RC, LO, HI)
                     for u in T.unroll(UA):
                         for r in T.unroll(RC):
                             for v in T.vectorized(V):
