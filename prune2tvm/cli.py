@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from prune2tvm import __version__
+from prune2tvm import __version__, interrupt
 from prune2tvm.errors import InputError, OutputExistsError, Prune2TVMError
 from prune2tvm.onnx_input import parse_shape, require_file
 
@@ -55,12 +55,18 @@ class _Group(click.Group):
 
 
 _CTRL_C = {"seen": False}
+CTRL_C_GRACE_S = 3.0  # after Ctrl-C, the verb unwinds (its finally blocks) or is ended this much later
 
 
 @contextlib.contextmanager
 def _watch_ctrl_c():
     """Remember a Ctrl-C: TVM's C++ code turns the KeyboardInterrupt raised inside a callback
-    into a RuntimeError, which must still read as an interruption."""
+    into a RuntimeError, which must still read as an interruption.
+
+    The KeyboardInterrupt is raised only once the main thread runs Python code again, which a
+    long ``tvm.compile`` can delay by minutes; if the verb has not unwound ``CTRL_C_GRACE_S``
+    after the Ctrl-C, it is ended from a watcher thread, as a kill would end it but removing
+    what it was writing."""
     if threading.current_thread() is not threading.main_thread() or _CTRL_C.get("installed"):
         yield
         return
@@ -69,10 +75,20 @@ def _watch_ctrl_c():
         _CTRL_C["seen"] = True
         signal.default_int_handler(signum, frame)
 
+    unwound = threading.Event()
+
+    def end_if_stuck():
+        if not unwound.wait(CTRL_C_GRACE_S):
+            interrupt.stop_now("interrupted; finished results were kept, nothing half-written")
+
     old = signal.signal(signal.SIGINT, handler)
     _CTRL_C.update(seen=False, installed=True)
     try:
-        yield
+        with interrupt.on_sigint(end_if_stuck):
+            try:
+                yield
+            finally:
+                unwound.set()
     finally:
         signal.signal(signal.SIGINT, old)
         _CTRL_C["installed"] = False

@@ -13,6 +13,19 @@ from typing import Iterator
 
 from prune2tvm.errors import InputError, OutputExistsError
 
+_IN_PROGRESS: set[Path] = set()  # temporary files and directories being written now
+
+
+def discard_in_progress() -> None:
+    """Remove every temporary file or directory being written (before an immediate exit on
+    Ctrl-C): what was complete is already in place, what was not leaves nothing behind."""
+    for path in list(_IN_PROGRESS):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -22,10 +35,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    _IN_PROGRESS.add(tmp_path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
+        _IN_PROGRESS.discard(tmp_path)
         if tmp_path.exists():
             tmp_path.unlink()
 
@@ -66,6 +81,7 @@ def staged_dir(final: str | os.PathLike, force: bool, what: str = "results") -> 
         raise InputError(f"{final} exists and is not a directory")
     parent = ensure_writable_dir(final.parent)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
+    _IN_PROGRESS.add(stage)
     try:
         yield stage
         if final.exists():
@@ -76,6 +92,7 @@ def staged_dir(final: str | os.PathLike, force: bool, what: str = "results") -> 
         else:
             os.replace(stage, final)
     finally:
+        _IN_PROGRESS.discard(stage)
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
 

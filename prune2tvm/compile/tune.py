@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 import prune2tvm
+from prune2tvm import interrupt
 from prune2tvm.compile.remote import RpcDevice
 from prune2tvm.compile.target import device, resolved_target_dict, tvm_target
 from prune2tvm.config import TargetConfig
@@ -312,31 +312,35 @@ def _ctrl_c_stops_at_once(db_path: Path, work_dir: str):
 
     A KeyboardInterrupt unwinding through TVM's C++ task scheduler can crash the process
     (seen: a segfault mid-round). The database is safe against a kill (records are appended
-    one line at a time, and a line cut short is set aside on the next open), so the handler
-    ends the builder and runner workers, removes the scratch directory, says where the records
-    are and exits with 130.
+    one line at a time, and a line cut short is set aside on the next open), so the stop ends
+    the builder and runner workers, removes the scratch directory, says where the records are
+    and exits with 130. It acts from a watcher thread (``interrupt.on_sigint``): the main thread
+    can spend many seconds in TVM's C++ search, where no Python handler runs (CI once waited
+    more than 10 s).
+
+    The worker processes, which a terminal's Ctrl-C reaches too, are started with SIGINT
+    blocked (a thread's signal mask passes to the threads it starts and the processes they
+    spawn), so none of them prints a KeyboardInterrupt traceback: the stop kills them.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def stop(signum, frame):
-        import psutil
-
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+    def stop(*_):
         shutil.rmtree(work_dir, ignore_errors=True)
-        sys.stderr.write(f"interrupted: the records measured so far are kept in {db_path}; run the same command to "
-                         "resume\n")
-        sys.stderr.flush()
-        os._exit(130)
+        interrupt.stop_now(f"interrupted: the records measured so far are kept in {db_path}; run the same command "
+                           "to resume")
 
-    old = signal.signal(signal.SIGINT, stop)
+    old_handler = signal.signal(signal.SIGINT, stop)
     try:
-        yield
+        with interrupt.on_sigint(stop):  # its watcher starts before the mask below, so SIGINT reaches it
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                yield
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old_handler)
 
 
 def _progress_callback(names: list[str], total: int, start: float, time_limit_s: float | None):
