@@ -2,9 +2,14 @@
 
 One tuning run (a single MatMul, 4 trials: about a minute here) is shared by these tests."""
 
+import contextlib
 import json
+import signal
+import threading
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper, save
@@ -31,13 +36,37 @@ def one_matmul(path, k, n, rows=8, seed=0, w=None):
 def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     model = one_matmul(tmp / "one.onnx", 64, 32)
-    result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned")
+    with watching_workers() as workers:
+        result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned")
     assert result.exit_code == 0, result.output
-    return tmp, model, result.output
+    return tmp, model, result.output, workers
+
+
+@contextlib.contextmanager
+def watching_workers():
+    """Every worker process this process starts meanwhile: pid -> (command line, whether it has
+    SIGINT blocked), sampled from /proc 20 times a second."""
+    seen, done = {}, threading.Event()
+
+    def watch():
+        while not done.wait(0.05):
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error, OSError, StopIteration):
+                    status = Path(f"/proc/{child.pid}/status").read_text().splitlines()
+                    blocked = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+                    seen.setdefault(child.pid, (" ".join(child.cmdline()), bool(blocked & (1 << (signal.SIGINT - 1)))))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_tuning_fills_a_database_and_builds_a_verified_model(tuned):
-    tmp, _, output = tuned
+    tmp, _, output, _ = tuned
     # a candidate may fail to build or run on a loaded machine: between 1 and 4 trials
     row = next(line for line in output.splitlines() if line.startswith("| matmul |"))
     status, trials, untuned, tuned = (cell.strip() for cell in row.split("|")[3:7])
@@ -56,7 +85,7 @@ def test_tuning_fills_a_database_and_builds_a_verified_model(tuned):
 
 
 def test_a_second_identical_run_does_no_new_trials(tuned):
-    tmp, model, _ = tuned
+    tmp, model, _, _ = tuned
     before = (tmp / "db" / "records.json").read_text()
     result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned", "--force")
     assert result.exit_code == 0, result.output
@@ -65,7 +94,7 @@ def test_a_second_identical_run_does_no_new_trials(tuned):
 
 
 def test_compile_applies_a_database_and_refuses_a_foreign_one(tuned, tmp_path):
-    tmp, model, _ = tuned
+    tmp, model, _, _ = tuned
     result = run_cli("compile", model, "--db", tmp / "db", "-o", tmp_path / "build")
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "build" / "manifest.json").read_text())
@@ -89,7 +118,7 @@ def test_compile_applies_a_database_and_refuses_a_foreign_one(tuned, tmp_path):
 
 
 def test_tuning_refuses_what_it_cannot_do(tuned, tmp_path):
-    tmp, model, _ = tuned
+    tmp, model, _, _ = tuned
     result = run_cli("tune", model, "--target", "cuda", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "this machine has none" in result.output and "--rpc-tracker" in result.output
     result = run_cli("compile", model, "--db", tmp_path / "nothing", "-o", tmp_path / "out")
@@ -103,7 +132,7 @@ def test_an_interrupted_write_is_set_aside_and_tuning_resumes(tuned, tmp_path):
     complete record (so a tuned task needs no new trials) and moves the broken line aside."""
     import shutil
 
-    tmp, model, _ = tuned
+    tmp, model, _, _ = tuned
     db = tmp_path / "db"
     shutil.copytree(tmp / "db", db)
     records = db / "records.json"
@@ -150,3 +179,11 @@ def test_bsr_kernels_are_searched_keyed_by_their_block_pattern(tmp_path):
     lanes = simd_lanes(load_target("x86"))
     assert kernel_key("matmul", shape, lanes, [bsr.indptr, bsr.indices]) == key
     assert kernel_key("matmul", shape, lanes, [other.indptr, other.indices]) != key
+
+
+def test_tuning_workers_leave_ctrl_c_to_the_tuner(tuned):
+    """A terminal's Ctrl-C reaches every process of the group: the builder and runner workers
+    must not react to it (a KeyboardInterrupt traceback each, CI saw one), the tuner ends them."""
+    workers = {pid: blocked for pid, (command, blocked) in tuned[3].items() if "tvm.exec.popen_worker" in command}
+    assert workers, "no meta_schedule worker process was seen"
+    assert all(workers.values()), f"workers that a Ctrl-C would interrupt: {[p for p, b in workers.items() if not b]}"

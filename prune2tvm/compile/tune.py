@@ -259,14 +259,15 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
             start = time.perf_counter()
             progress = _progress_callback([t.task_name for t, _, _ in todo], budget, start, time_limit_s)
             callbacks = ms.measure_callback.MeasureCallback.create("default") + [progress]
-            runner = "local"
-            # CUDA keeps meta_schedule's own build (unmeasured on a GPU here)
-            builder = "local" if target.kind == "cuda" else ms.builder.LocalBuilder(f_build=build_candidate)
-            if rpc is not None:
-                runner = ms.runner.RPCRunner(rpc_config=rpc.ms_config(), max_workers=devices,
-                                             evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
-                                                                                        min_repeat_ms=40))
+            # builder and runner inside: they start worker processes, which must inherit its signal mask
             with _ctrl_c_stops_at_once(db.path, work_dir):
+                runner = "local"
+                # CUDA keeps meta_schedule's own build (unmeasured on a GPU here)
+                builder = "local" if target.kind == "cuda" else ms.builder.LocalBuilder(f_build=build_candidate)
+                if rpc is not None:
+                    runner = ms.runner.RPCRunner(rpc_config=rpc.ms_config(), max_workers=devices,
+                                                 evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
+                                                                                            min_repeat_ms=40))
                 ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=budget,
                               max_trials_per_task=trials_per_task, num_trials_per_iter=trials_per_round,
                               database=db.ms, measure_callbacks=callbacks, builder=builder, runner=runner)
