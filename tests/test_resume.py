@@ -144,7 +144,7 @@ def complete_records(db) -> int:
 def test_tuning_stopped_at_a_random_point_keeps_its_records_and_resumes(tmp_path, signal_name):
     model = one_matmul(tmp_path / "m.onnx", 40, 24)
     db = tmp_path / "db"
-    at = kill_at(2.0, 45.0)  # the first round of 8 ends after about 40 s, the next every 8 s
+    at = kill_at(2.0, 45.0)  # the first round of 8 ends after about 15 s, the next every 8 s
     context = f"tuning stopped with {signal_name} after {at} s (PRUNE2TVM_KILL_AT={at} replays it)"
     code, output = start_and_kill(["tune", str(model), "--trials", "64", "--db", str(db), "-o",
                                    str(tmp_path / "first")], at, signal_name)
