@@ -461,7 +461,10 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
     bsr_reports = []
     try:
-        reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task, time_limit_s=time_limit, rpc=rpc)
+        reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task, time_limit_s=time_limit, rpc=rpc,
+                              extra_modules=prepared.dense_probes)
+        if prepared.dense_probes:  # --sparsity auto: decide again against the tuned dense layers
+            prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
         if prepared.bsr_kernels and tgt.kind != "cuda":
             from prune2tvm.compile.bsr_tune import BsrRecords, tune_bsr_kernels
 

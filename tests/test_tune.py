@@ -215,3 +215,22 @@ def test_tvmscript_reads_the_same_stack_from_the_lazy_one():
                 b[i] = a[i] + T.float32(1)
 
     assert isinstance(Module, tvm.IRModule) and [g.name_hint for g in Module.functions] == ["add_one"]
+
+
+def test_the_untuned_schedule_kept_as_faster_is_what_the_database_returns(tmp_path):
+    """Where no candidate beats TVM's default schedule, the default is recorded with its time;
+    the database must return it (a record with an empty trace was silently never returned, so
+    builds applied the best tuned record, slower)."""
+    from prune2tvm.compile.build import prepare_module
+    from prune2tvm.compile.target import tvm_target
+    from prune2tvm.compile.tune import TuningDatabase, _tasks
+    from prune2tvm.config import load_target
+
+    target = load_target("x86")
+    task = _tasks([prepare_module(one_matmul(tmp_path / "m.onnx", 40, 24), target, {}).mod], tvm_target(target))[0]
+    mod, tgt = task.dispatched[0], tvm_target(target)
+    db = TuningDatabase(tmp_path / "db", target)
+    db.keep_untuned(mod, tgt, 3e-6)
+    assert db.best_seconds(mod, tgt) == pytest.approx(3e-6)
+    reopened = TuningDatabase(tmp_path / "db", target)
+    assert reopened.best_seconds(mod, tgt) == pytest.approx(3e-6)

@@ -4,6 +4,12 @@ whichever is faster, so no layer is slower than its dense TVM build.
 Each layer is measured on its own: a one-op Relax function built from the layer's
 ``Probe`` (dense), and the same function after the BSR pass, both compiled exactly as the
 model is and timed with ``time_evaluator`` on this machine.
+
+"Its dense TVM build" is the tuned one where the tuning database has the dense layer's
+schedule: against TVM's untuned default (50-100x slower on CPU) nearly every layer would
+choose BSR, also where the tuned dense layer is faster. ``prune2tvm tune --sparsity auto``
+therefore tunes each measured layer's dense probe too (``LayerTimer.probes``), and decides
+again with the tuned times.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ class LayerTimer:
     """A ``Selector`` that decides by measurement. ``to_bsr`` rewrites a module with every
     eligible layer as BSR (the same passes and kernels the model gets)."""
 
-    def __init__(self, target: TargetConfig, to_bsr: Callable[[tvm.IRModule], tvm.IRModule],
+    def __init__(self, target: TargetConfig, to_bsr: Callable[[tvm.IRModule], tvm.IRModule], database=None,
                  min_repeat_ms: int = 30, repeat: int = 5):
         ok, why = target.runs_here()
         if not ok:
@@ -36,26 +42,43 @@ class LayerTimer:
                                    f"here ({why}); give a threshold instead")
         self.target = target
         self.to_bsr = to_bsr
+        self.database = database  # a TuningDatabase whose dense schedules apply, or None
+        self.probes: list[tvm.IRModule] = []  # each measured layer's dense module, for the tuner
         self.min_repeat_ms = min_repeat_ms
         self.repeat = repeat
 
     def __call__(self, decision: LayerDecision, probe: Probe) -> bool:
         dense = single_op_module(probe)
+        self.probes.append(dense)
         x = np.random.default_rng(0).standard_normal(probe.input_shape).astype(np.float32)
-        decision.dense_ms = self._time(dense, x)
+        tuned = self.database is not None and self._tuned(dense)
+        decision.dense_ms = self._time(dense, x, self.database if tuned else None)
         decision.bsr_ms = self._time(self.to_bsr(single_op_module(probe)), x)
         faster = decision.bsr_ms < decision.dense_ms
-        say(f"  auto {decision.name}: dense {decision.dense_ms:.4f} ms, BSR {decision.bsr_ms:.4f} ms -> "
+        dense_kind = "tuned dense" if tuned else "untuned dense"
+        say(f"  auto {decision.name}: {dense_kind} {decision.dense_ms:.4f} ms, BSR {decision.bsr_ms:.4f} ms -> "
             f"{'BSR' if faster else 'dense'}")
         if faster:
-            decision.reason = f"auto: BSR {decision.bsr_ms:.4f} ms < dense {decision.dense_ms:.4f} ms"
+            decision.reason = f"auto: BSR {decision.bsr_ms:.4f} ms < {dense_kind} {decision.dense_ms:.4f} ms"
         else:
-            decision.reason = f"auto: dense {decision.dense_ms:.4f} ms <= BSR {decision.bsr_ms:.4f} ms; left dense"
+            decision.reason = (f"auto: {dense_kind} {decision.dense_ms:.4f} ms <= BSR {decision.bsr_ms:.4f} ms; "
+                               "left dense")
         return faster
 
-    def _time(self, mod: tvm.IRModule, x: np.ndarray) -> float:
+    def _tuned(self, mod: tvm.IRModule) -> bool:
+        from prune2tvm.compile.tune import has_tuned_schedules
+
+        return has_tuned_schedules(mod, self.target, self.database)
+
+    def _time(self, mod: tvm.IRModule, x: np.ndarray, database=None) -> float:
         dev = device(self.target)
-        vm = relax.VirtualMachine(tvm.compile(mod, tvm_target(self.target)), dev)
+        if database is not None:
+            from prune2tvm.compile.tune import build_with_database
+
+            executable = build_with_database(mod, self.target, database)
+        else:
+            executable = tvm.compile(mod, tvm_target(self.target))
+        vm = relax.VirtualMachine(executable, dev)
         timer = vm.time_evaluator("main", dev, number=1, repeat=self.repeat, min_repeat_ms=self.min_repeat_ms)
         return float(np.median(timer(tvm.runtime.tensor(x, dev)).results) * 1e3)
 

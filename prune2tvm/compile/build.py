@@ -243,6 +243,7 @@ class PreparedModel:
     outputs: list[str]
     layers: list[dict]
     bsr_kernels: list = field(default_factory=list)  # BsrKernelSpec per tunable BSR kernel
+    dense_probes: list = field(default_factory=list)  # --sparsity auto: each measured layer's dense module
 
 
 def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
@@ -269,20 +270,20 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
 
     with phase("import", f"{Path(onnx_path).name} with {', '.join(f'{s.name}{s.shape}' for s in inputs)}"):
         mod = import_onnx(onnx_path, {s.name: s.shape for s in inputs})
-    layers, specs = [], {}
+    layers, specs, probes = [], {}, []
     if sparsify is not None:
         rule = "auto (measured per layer)" if sparsify.auto else f"threshold {sparsify.threshold:g}"
         with phase("sparsify", f"{sparsify.block[0]}x{sparsify.block[1]} blocks, {rule}"):
             from prune2tvm.compile.bsr_tune import BsrRecords
 
             records = BsrRecords.open(database.path) if database is not None else None
-            mod, decisions = sparsify_module(mod, onnx_path, target, sparsify, records, specs)
+            mod, decisions = sparsify_module(mod, onnx_path, target, sparsify, records, specs, database, probes)
             layers = [d.to_json() for d in decisions]
             bsr = sum(d.kind == "bsr" for d in decisions)
             say(f"  {bsr} of {len(decisions)} weight layers rewritten to BSR")
     if fast_math:
         mod = relax.transform.FastMathTransform()(mod)
-    return PreparedModel(mod, inputs, outputs, layers, list(specs.values()))
+    return PreparedModel(mod, inputs, outputs, layers, list(specs.values()), probes)
 
 
 def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shapes: dict[str, list[int]],
@@ -322,9 +323,11 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
 
 
 def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptions, records=None,
-                    specs: dict | None = None):
+                    specs: dict | None = None, database=None, probes: list | None = None):
     """Run the BSR rewrite passes (conv2d, then dense) with the kernels for the target;
-    with ``options.auto``, each eligible layer is measured and kept dense unless BSR wins."""
+    with ``options.auto``, each eligible layer is measured and kept dense unless BSR wins
+    (dense with the schedules of ``database`` where it has them; each measured layer's dense
+    module is added to ``probes``)."""
     import onnx
 
     from prune2tvm.compile.frontend import WeightNames
@@ -334,9 +337,11 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
     if options.auto:
         from prune2tvm.compile.auto_select import LayerTimer
 
-        select = LayerTimer(target, lambda m: run_sparsify_passes(m, target, options.block, 0.0)[0])
+        select = LayerTimer(target, lambda m: run_sparsify_passes(m, target, options.block, 0.0)[0], database)
     mod, decisions = run_sparsify_passes(mod, target, options.block, options.threshold, names.lookup, select,
                                          records, specs)
+    if select is not None and probes is not None:
+        probes.extend(select.probes)
     for d in decisions:
         if options.auto and d.dense_ms is None and d.block_sparsity is not None:
             d.reason = (f"auto: block sparsity {d.block_sparsity:.3f} < {options.threshold:g}, "

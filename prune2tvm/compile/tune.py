@@ -137,8 +137,12 @@ class TuningDatabase:
         a build applies it rather than a tuned record that measured slower."""
         from tvm.s_tir import Schedule
 
+        schedule = Schedule(mod)
+        # a record whose trace has no instruction is never returned by the database's queries (so
+        # the build took the best tuned record, slower than this one): one that changes nothing
+        schedule.get_sblock("root", func_name="main")
         self.ms.commit_tuning_record(ms.database.TuningRecord(
-            trace=Schedule(mod).trace, workload=self.ms.commit_workload(mod), run_secs=[seconds], target=target,
+            trace=schedule.trace, workload=self.ms.commit_workload(mod), run_secs=[seconds], target=target,
             args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
 
 
@@ -209,8 +213,9 @@ class TaskReport:
 
 def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, trials: int,
                 trials_per_task: int | None = None, trials_per_round: int = 8, time_limit_s: float | None = None,
-                rpc: RpcDevice | None = None) -> list[TaskReport]:
-    """Tune every task of ``mod`` not yet in ``db``, within ``trials`` measurements in all and,
+                rpc: RpcDevice | None = None, extra_modules: list[tvm.IRModule] = ()) -> list[TaskReport]:
+    """Tune every task of ``mod`` (and of ``extra_modules``: e.g. the dense layers that
+    ``--sparsity auto`` compares BSR with) not yet in ``db``, within ``trials`` measurements in all and,
     if given, ``time_limit_s`` seconds (the round in flight when it runs out is finished and
     kept). With ``rpc``, candidates are built here and measured on the devices under the
     tracker's key, as many in parallel as there are devices."""
@@ -221,9 +226,7 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
     check_can_measure(target, rpc)
     devices = rpc.wait_for_devices() if rpc is not None else 1
     tgt = tvm_target(target)
-    with tgt:
-        prepared = tvm.transform.Sequential(prepare_passes(tgt))(mod)
-    tasks = ms.relax_integration.extract_tasks(prepared, tgt)
+    tasks = _tasks([mod, *extra_modules], tgt)
     reports, todo = [], []
     for task in tasks:
         func = task.dispatched[0]["main"]
@@ -286,6 +289,34 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
         if not progress.stopped:  # a task stopped by the time limit is resumed by the next run
             db.mark_finished([task.dispatched[0] for task, _, _ in todo])
     return reports
+
+
+def _tasks(mods: list[tvm.IRModule], tgt) -> list:
+    """meta_schedule's tasks of ``mods``, prepared as the build prepares them; a workload that
+    several modules share is one task."""
+    tasks, seen = [], set()
+    for mod in mods:
+        with tgt:
+            prepared = tvm.transform.Sequential(prepare_passes(tgt))(mod)
+        for task in ms.relax_integration.extract_tasks(prepared, tgt):
+            key = _task_hash(task.dispatched[0])
+            if key not in seen:
+                seen.add(key)
+                tasks.append(task)
+    return tasks
+
+
+def has_tuned_schedules(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase) -> bool:
+    """Whether ``db`` has a schedule for every task of ``mod`` (the BSR kernels, hand-scheduled,
+    need none)."""
+    tgt = tvm_target(target)
+    for task in _tasks([mod], tgt):
+        func = task.dispatched[0]["main"]
+        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+            continue
+        if db.best_seconds(task.dispatched[0], tgt) is None:
+            return False
+    return True
 
 
 def check_can_measure(target: TargetConfig, rpc: RpcDevice | None) -> None:
