@@ -1,0 +1,87 @@
+"""`--sparsity auto` against the dense TVM build (tuned), layer by layer, down to 30 % sparsity.
+
+The contract: with auto, no layer is slower than its dense TVM build at any sparsity. Each
+case is one ONNX MatMul or Conv (the writers of bsr_layers.py) with a block-sparse weight,
+built twice with the same tuning database (benchmarks/.tuning-db/, N trials per dense layer
+shape, already-tuned shapes are not tuned again): dense, and with `SparsifyOptions(block,
+auto=True)`, which measures the layer dense (with the database's schedule) and as BSR and
+keeps the faster. Both builds run in alternating rounds in one process; `dense / auto` above
+1 means auto is faster.
+
+Usage: python benchmarks/bsr_auto.py [--tune-trials N] [--repeat N] [--only TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bsr_layers import CONVS, LAYERS, ROWS, conv_onnx, matmul_onnx
+
+SPARSITIES = [0.3, 0.5, 0.7, 0.9]
+BLOCKS = [(1, 1), (4, 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tune-trials", type=int, default=32, help="meta_schedule trials per dense layer shape")
+    parser.add_argument("--repeat", type=int, default=40)
+    parser.add_argument("--target", default="x86")
+    parser.add_argument("--only", default="", help="only cases whose label contains this (e.g. Conv)")
+    args = parser.parse_args()
+
+    from prune2tvm.compile import compile_onnx
+    from prune2tvm.compile.build import SparsifyOptions, prepare_module
+    from prune2tvm.compile.tune import TuningDatabase, tune_module
+    from prune2tvm.config import load_target
+    from prune2tvm.measure.latency import measure_interleaved
+
+    target = load_target(args.target)
+    database = TuningDatabase(Path(__file__).parent / ".tuning-db", target)
+    cases = []  # (label, writer, input shape)
+    for k, n in LAYERS:
+        for rows in ROWS:
+            cases.append((f"Linear {k}->{n} x{rows}",
+                          lambda p, b, s, rows=rows, k=k, n=n: matmul_onnx(p, rows, k, n, b, s, seed=int(100 * s)),
+                          [rows, k]))
+    for c, o, k, size in CONVS:
+        cases.append((f"Conv {k}x{k} {c}->{o} {size}x{size}",
+                      lambda p, b, s, c=c, o=o, k=k, size=size: conv_onnx(p, c, o, k, size, b, s, seed=int(100 * s)),
+                      [1, c, size, size]))
+    cases = [case for case in cases if args.only in case[0]]
+    print("| layer | block | sparsity | auto chose | dense (tuned) ms | auto ms | dense / auto |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    slower = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "layer.onnx"
+        for label, write, shape in cases:
+            dense = None
+            for block in BLOCKS:
+                for sparsity in SPARSITIES:
+                    write(path, block, sparsity)
+                    if dense is None:  # dense time and schedule do not depend on the weights' values
+                        tune_module(prepare_module(path, target, {"input": shape}).mod, target, database,
+                                    args.tune_trials)
+                        dense = compile_onnx(path, target, {"input": shape}, database=database)
+                    auto = compile_onnx(path, target, {"input": shape}, database=database,
+                                        sparsify=SparsifyOptions(block, auto=True))
+                    layer = auto.info.layers[0]
+                    feeds = {"input": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+                    stats = measure_interleaved({"dense": dense.bind(feeds), "auto": auto.bind(feeds)},
+                                                warmup=10, repeat=args.repeat, rounds=3)
+                    ratio = stats["dense"].median / stats["auto"].median
+                    chose = layer["kind"].upper() + ("" if "tuned dense" in layer["reason"] and
+                                                      "untuned" not in layer["reason"] else " (vs untuned)")
+                    if ratio < 0.95:
+                        slower.append(f"{label} {block[0]}x{block[1]} {sparsity:.1f}")
+                    print(f"| {label} | {block[0]}x{block[1]} | {sparsity:.1f} | {chose} | {stats['dense'].median:.3f} "
+                          f"| {stats['auto'].median:.3f} | {ratio:.2f}x |", flush=True)
+    print(f"\nauto more than 5 % slower than dense in {len(slower)} of {len(cases) * len(BLOCKS) * len(SPARSITIES)} "
+          f"cases{': ' + ', '.join(slower) if slower else ''}")
+
+
+if __name__ == "__main__":
+    main()
