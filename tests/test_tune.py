@@ -234,3 +234,32 @@ def test_the_untuned_schedule_kept_as_faster_is_what_the_database_returns(tmp_pa
     assert db.best_seconds(mod, tgt) == pytest.approx(3e-6)
     reopened = TuningDatabase(tmp_path / "db", target)
     assert reopened.best_seconds(mod, tgt) == pytest.approx(3e-6)
+
+
+def test_a_task_the_budget_did_not_reach_is_tuned_by_the_next_run(tmp_path):
+    """8 trials for two tasks: the first round (8 candidates) goes to one task. The other was
+    never measured: it must say so, and must not be taken for tuned by the next run."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w1"], ["hidden"]), helper.make_node("MatMul", ["hidden", "w2"], ["output"])],
+        "two_layers", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [8, 40])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [8, 16])],
+        [numpy_helper.from_array(rng.standard_normal((40, 24)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((24, 16)).astype(np.float32), "w2")])
+    model = tmp_path / "two.onnx"
+    save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+
+    def statuses(output):
+        rows = [line.split("|") for line in output.splitlines() if line.startswith("| matmul")]
+        return sorted((row[3].strip(), int(row[4])) for row in rows)
+
+    first = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "-o", tmp_path / "first")
+    assert first.exit_code == 0, first.output
+    reached, unreached = sorted(statuses(first.output), key=lambda s: s[1], reverse=True)
+    assert reached[0] in ("tuned", "untuned kept (faster)") and 1 <= reached[1] <= 8
+    assert unreached == ("not reached (budget spent)", 0)
+    second = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "-o", tmp_path / "second")
+    assert second.exit_code == 0, second.output
+    again = statuses(second.output)
+    assert ("already tuned", 0) in again
+    assert any(status in ("tuned", "untuned kept (faster)") and trials >= 1 for status, trials in again), again

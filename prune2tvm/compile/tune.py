@@ -202,7 +202,7 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params=None) 
 class TaskReport:
     name: str
     weight: int
-    status: str  # "tuned", "untuned kept (faster)", "already tuned", "hand-scheduled"
+    status: str  # "tuned", "untuned kept (faster)", "already tuned", "hand-scheduled", "not reached (budget spent)"
     trials: int
     before_us: float | None
     after_us: float | None
@@ -279,7 +279,10 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
             best = db.best_seconds(task.dispatched[0], tgt)
             report.after_us = None if best is None else best * 1e6
             report.trials = progress.trials.get(task_id, 0)
-            if target.kind != "cuda" and report.before_us is not None and (
+            if report.trials == 0:
+                # the budget was spent before this task's turn: left unfinished, the next run tunes it
+                report.status = "not reached (budget spent)"
+            elif target.kind != "cuda" and report.before_us is not None and (
                     report.after_us is None or report.after_us > report.before_us):
                 # on CPU the untuned function is a valid schedule: keep it when no candidate beat it
                 db.keep_untuned(task.dispatched[0], tgt, report.before_us * 1e-6)
@@ -287,7 +290,7 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
                 report.after_us = report.before_us
             reports.append(report)
         if not progress.stopped:  # a task stopped by the time limit is resumed by the next run
-            db.mark_finished([task.dispatched[0] for task, _, _ in todo])
+            db.mark_finished([task.dispatched[0] for task, report, _ in todo if report.trials > 0])
     return reports
 
 
