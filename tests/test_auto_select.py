@@ -75,7 +75,8 @@ def test_tune_with_auto_tunes_the_dense_layers_it_compares_with(layered_onnx, tm
     import json
 
     db = tmp_path / "db"
-    result = CliRunner().invoke(cli, ["tune", str(layered_onnx), "--bsr", "4", "--sparsity", "auto", "--trials", "16",
+    # three tasks (the dense output layer, the two measured layers' dense forms), a round of 8 each
+    result = CliRunner().invoke(cli, ["tune", str(layered_onnx), "--bsr", "4", "--sparsity", "auto", "--trials", "24",
                                       "--db", str(db), "-o", str(tmp_path / "out")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("  auto 0.weight:")]
