@@ -456,21 +456,22 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     click.echo(f"tuning database: {database.path}")
     from prune2tvm.compile import compile_onnx
     from prune2tvm.compile.build import prepare_module
-    from prune2tvm.compile.tune import render_task_table, tune_module
+    from prune2tvm.compile.tune import render_task_table, tune_prepared
 
-    prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
+    def prepare():
+        return prepare_module(model, tgt, shapes, sparsify, database, fast_math)
+
+    prepared = prepare()
     bsr_reports = []
     try:
-        reports = tune_module(prepared.mod, tgt, database, trials, trials_per_task, time_limit_s=time_limit, rpc=rpc,
-                              extra_modules=prepared.dense_probes)
-        if prepared.dense_probes:  # --sparsity auto: decide again against the tuned dense layers
-            prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
+        prepared, reports = tune_prepared(prepared, prepare, tgt, database, trials, trials_per_task=trials_per_task,
+                                          time_limit_s=time_limit, rpc=rpc)
         if prepared.bsr_kernels and tgt.kind != "cuda":
             from prune2tvm.compile.bsr_tune import BsrRecords, tune_bsr_kernels
 
             bsr_reports = tune_bsr_kernels(prepared.bsr_kernels, tgt, BsrRecords.open(database.path), rpc)
             if any(r.status == "tuned" for r in bsr_reports):  # rebuild the kernels with what was found
-                prepared = prepare_module(model, tgt, shapes, sparsify, database, fast_math)
+                prepared = prepare()
         elif prepared.bsr_kernels:
             click.echo(f"BSR kernels: no parameter search for {tgt.name} (the CUDA kernel has none)")
     except BaseException as exc:

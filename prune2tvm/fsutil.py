@@ -16,6 +16,17 @@ from prune2tvm.errors import InputError, OutputExistsError
 _IN_PROGRESS: set[Path] = set()  # temporary files and directories being written now
 
 
+@contextlib.contextmanager
+def removed_if_interrupted(path: Path) -> Iterator[Path]:
+    """While inside, ``path`` (a temporary file or directory) is removed by
+    ``discard_in_progress`` should the process be ended at once (Ctrl-C inside TVM's code)."""
+    _IN_PROGRESS.add(path)
+    try:
+        yield path
+    finally:
+        _IN_PROGRESS.discard(path)
+
+
 def discard_in_progress() -> None:
     """Remove every temporary file or directory being written (before an immediate exit on
     Ctrl-C): what was complete is already in place, what was not leaves nothing behind."""
@@ -35,12 +46,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    _IN_PROGRESS.add(tmp_path)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with removed_if_interrupted(tmp_path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
-        _IN_PROGRESS.discard(tmp_path)
         if tmp_path.exists():
             tmp_path.unlink()
 
@@ -81,18 +91,17 @@ def staged_dir(final: str | os.PathLike, force: bool, what: str = "results") -> 
         raise InputError(f"{final} exists and is not a directory")
     parent = ensure_writable_dir(final.parent)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
-    _IN_PROGRESS.add(stage)
     try:
-        yield stage
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
-            os.replace(final, old / final.name)
-            os.replace(stage, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, final)
+        with removed_if_interrupted(stage):
+            yield stage
+            if final.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
+                os.replace(final, old / final.name)
+                os.replace(stage, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage, final)
     finally:
-        _IN_PROGRESS.discard(stage)
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
 

@@ -286,14 +286,15 @@ def build_variant(vdir: Path, name: str, model, plan, data, cfg: PipelineConfig,
     prepared = None
     if tune_trials and database is not None:
         from prune2tvm.compile.build import prepare_module
-        from prune2tvm.compile.tune import tune_module
+        from prune2tvm.compile.tune import tune_prepared
 
-        prepared = prepare_module(onnx_model.path, target, shapes, sparsify, database, cfg.compile.fast_math)
+        def prepare():
+            return prepare_module(onnx_model.path, target, shapes, sparsify, database, cfg.compile.fast_math)
+
+        prepared = prepare()
         with phase("tune", f"{name}: the dense kernels' new tasks, {tune_trials} trials at most, "
                            f"records in {database.path}"):
-            tune_module(prepared.mod, target, database, tune_trials, extra_modules=prepared.dense_probes)
-        if prepared.dense_probes:  # auto: decide again against the tuned dense layers
-            prepared = prepare_module(onnx_model.path, target, shapes, sparsify, database, cfg.compile.fast_math)
+            prepared, _ = tune_prepared(prepared, prepare, target, database, tune_trials)
     compiled = compile_onnx(onnx_model.path, target, shapes,
                             real_feeds={onnx_model.input_name: np.resize(check_x, (batch, *check_x.shape[1:]))},
                             seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math, database=database,

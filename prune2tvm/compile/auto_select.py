@@ -22,6 +22,7 @@ from tvm import relax
 
 from prune2tvm.compile.passes.decisions import LayerDecision, Probe
 from prune2tvm.compile.target import device, tvm_target
+from prune2tvm.compile.tune import build_with_database, has_tuned_schedules
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import UnsupportedError
 from prune2tvm.progress import say
@@ -51,7 +52,7 @@ class LayerTimer:
         dense = single_op_module(probe)
         self.probes.append(dense)
         x = np.random.default_rng(0).standard_normal(probe.input_shape).astype(np.float32)
-        tuned = self.database is not None and self._tuned(dense)
+        tuned = self.database is not None and has_tuned_schedules(dense, self.target, self.database)
         decision.dense_ms = self._time(dense, x, self.database if tuned else None)
         decision.bsr_ms = self._time(self.to_bsr(single_op_module(probe)), x)
         faster = decision.bsr_ms < decision.dense_ms
@@ -65,16 +66,9 @@ class LayerTimer:
                                "left dense")
         return faster
 
-    def _tuned(self, mod: tvm.IRModule) -> bool:
-        from prune2tvm.compile.tune import has_tuned_schedules
-
-        return has_tuned_schedules(mod, self.target, self.database)
-
     def _time(self, mod: tvm.IRModule, x: np.ndarray, database=None) -> float:
         dev = device(self.target)
         if database is not None:
-            from prune2tvm.compile.tune import build_with_database
-
             executable = build_with_database(mod, self.target, database)
         else:
             executable = tvm.compile(mod, tvm_target(self.target))

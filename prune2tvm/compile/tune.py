@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from prune2tvm.compile.remote import RpcDevice
 from prune2tvm.compile.target import device, resolved_target_dict, tvm_target
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import InputError, UnsupportedError
-from prune2tvm.fsutil import ensure_writable_dir, write_json
+from prune2tvm.fsutil import ensure_writable_dir, removed_if_interrupted, write_json
 from prune2tvm.progress import say
 
 DB_FORMAT_VERSION = 1
@@ -229,8 +228,7 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
     tasks = _tasks([mod, *extra_modules], tgt)
     reports, todo = [], []
     for task in tasks:
-        func = task.dispatched[0]["main"]
-        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+        if _hand_scheduled(task):
             reports.append(TaskReport(task.task_name, task.weight, "hand-scheduled", 0, None, None))
             continue
         best = db.best_seconds(task.dispatched[0], tgt)
@@ -294,6 +292,16 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
     return reports
 
 
+def tune_prepared(prepared, prepare_again, target: TargetConfig, db: TuningDatabase, trials: int, **options):
+    """``tune_module`` for a ``prepare_module`` result: under ``--sparsity auto`` also the dense
+    forms its measured layers were compared with, after which the model is prepared again
+    (``prepare_again()``) so the decisions use the tuned times. (prepared, task reports)."""
+    reports = tune_module(prepared.mod, target, db, trials, extra_modules=prepared.dense_probes, **options)
+    if prepared.dense_probes:
+        prepared = prepare_again()
+    return prepared, reports
+
+
 def _tasks(mods: list[tvm.IRModule], tgt) -> list:
     """meta_schedule's tasks of ``mods``, prepared as the build prepares them; a workload that
     several modules share is one task."""
@@ -313,13 +321,14 @@ def has_tuned_schedules(mod: tvm.IRModule, target: TargetConfig, db: TuningDatab
     """Whether ``db`` has a schedule for every task of ``mod`` (the BSR kernels, hand-scheduled,
     need none)."""
     tgt = tvm_target(target)
-    for task in _tasks([mod], tgt):
-        func = task.dispatched[0]["main"]
-        if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
-            continue
-        if db.best_seconds(task.dispatched[0], tgt) is None:
-            return False
-    return True
+    return all(_hand_scheduled(task) or db.best_seconds(task.dispatched[0], tgt) is not None
+               for task in _tasks([mod], tgt))
+
+
+def _hand_scheduled(task) -> bool:
+    """prune2tvm's own kernels (BSR, depthwise) come scheduled: meta_schedule has nothing to tune."""
+    func = task.dispatched[0]["main"]
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
 
 
 def check_can_measure(target: TargetConfig, rpc: RpcDevice | None) -> None:
@@ -362,13 +371,12 @@ def _ctrl_c_stops_at_once(db_path: Path, work_dir: str):
         return
 
     def stop(*_):
-        shutil.rmtree(work_dir, ignore_errors=True)
         interrupt.stop_now(f"interrupted: the records measured so far are kept in {db_path}; run the same command "
                            "to resume")
 
     old_handler = signal.signal(signal.SIGINT, stop)
     try:
-        with interrupt.on_sigint(stop):  # its watcher starts before the mask below, so SIGINT reaches it
+        with removed_if_interrupted(Path(work_dir)), interrupt.on_sigint(stop):  # its watcher starts before the mask below, so SIGINT reaches it
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 yield
