@@ -1,14 +1,17 @@
-"""`--sparsity auto` against the dense TVM build (tuned), layer by layer, down to 30 % sparsity.
+"""`--sparsity auto` against the dense TVM build, layer by layer, down to 30 % sparsity.
 
 The contract: with auto, no layer is slower than its dense TVM build at any sparsity. Each
 case is one ONNX MatMul or Conv (the writers of bsr_layers.py) with a block-sparse weight,
-built twice with the same tuning database (benchmarks/.tuning-db/, N trials per dense layer
-shape, already-tuned shapes are not tuned again): dense, and with `SparsifyOptions(block,
-auto=True)`, which measures the layer dense (with the database's schedule) and as BSR and
-keeps the faster. Both builds run in alternating rounds in one process; `dense / auto` above
-1 means auto is faster.
+built twice: dense, and with `SparsifyOptions(block, auto=True)`, which measures the layer
+dense and as BSR and keeps the faster. Both builds run in alternating rounds in one process;
+`dense / auto` above 1 means auto is faster.
 
-Usage: python benchmarks/bsr_auto.py [--tune-trials N] [--repeat N] [--only TEXT]
+The dense build is what `--dense-kernel` says (as compile's option): `packed` (the default:
+prune2tvm's packed dense kernel, `compile --dense-kernel packed` without --bsr), or `tvm`:
+TVM's op tuned with meta_schedule, N trials per layer shape in benchmarks/.tuning-db/
+(already-tuned shapes are not tuned again), the same database applied to both builds.
+
+Usage: python benchmarks/bsr_auto.py [--dense-kernel packed|tvm] [--tune-trials N] [--repeat N] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=40)
     parser.add_argument("--target", default="x86")
     parser.add_argument("--only", default="", help="only cases whose label contains this (e.g. Conv)")
+    parser.add_argument("--dense-kernel", choices=["packed", "tvm"], default="packed")
     args = parser.parse_args()
 
     from prune2tvm.compile import compile_onnx
@@ -52,7 +56,8 @@ def main() -> None:
                       lambda p, b, s, c=c, o=o, k=k, size=size: conv_onnx(p, c, o, k, size, b, s, seed=int(100 * s)),
                       [1, c, size, size]))
     cases = [case for case in cases if args.only in case[0]]
-    print("| layer | block | sparsity | auto chose | dense (tuned) ms | auto ms | dense / auto |")
+    dense_options = SparsifyOptions(bsr=False) if args.dense_kernel == "packed" else None
+    print(f"| layer | block | sparsity | auto chose | dense ({args.dense_kernel}) ms | auto ms | dense / auto |")
     print("|---|---|---:|---|---:|---:|---:|")
     slower = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,18 +68,19 @@ def main() -> None:
                 for sparsity in SPARSITIES:
                     write(path, block, sparsity)
                     if dense is None:  # dense time and schedule do not depend on the weights' values
-                        tune_module(prepare_module(path, target, {"input": shape}).mod, target, database,
-                                    args.tune_trials)
-                        dense = compile_onnx(path, target, {"input": shape}, database=database)
+                        if dense_options is None:
+                            tune_module(prepare_module(path, target, {"input": shape}).mod, target, database,
+                                        args.tune_trials)
+                        dense = compile_onnx(path, target, {"input": shape}, database=database,
+                                             sparsify=dense_options)
                     auto = compile_onnx(path, target, {"input": shape}, database=database,
-                                        sparsify=SparsifyOptions(block, auto=True))
+                                        sparsify=SparsifyOptions(block, auto=True, dense_kernel=args.dense_kernel))
                     layer = auto.info.layers[0]
                     feeds = {"input": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
                     stats = measure_interleaved({"dense": dense.bind(feeds), "auto": auto.bind(feeds)},
                                                 warmup=10, repeat=args.repeat, rounds=3)
                     ratio = stats["dense"].median / stats["auto"].median
-                    chose = layer["kind"].upper() + ("" if "tuned dense" in layer["reason"] and
-                                                      "untuned" not in layer["reason"] else " (vs untuned)")
+                    chose = layer["kind"].upper() + (" (vs untuned)" if "untuned" in layer["reason"] else "")
                     if ratio < 0.95:
                         slower.append(f"{label} {block[0]}x{block[1]} {sparsity:.1f}")
                     print(f"| {label} | {block[0]}x{block[1]} | {sparsity:.1f} | {chose} | {stats['dense'].median:.3f} "

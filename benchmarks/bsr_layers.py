@@ -5,8 +5,10 @@ Each case is an ONNX MatMul (or Conv) with a block-sparse weight, compiled with
 check against onnxruntime), then timed against onnxruntime on the same ONNX in alternating
 rounds in one process. `ideal` is the FLOP-proportional 1 / (1 - sparsity).
 
-With --tune-trials N, TVM dense is tuned with meta_schedule (N trials per layer shape, in a
-database kept in benchmarks/.tuning-db/) and measured too, as the second baseline.
+TVM dense is measured beside them: the packed dense build (`compile --dense-kernel packed`,
+prune2tvm's kernel with every block stored; `packed / ORT` is its time over onnxruntime's)
+and, with --tune-trials N, TVM's own dense op tuned with meta_schedule (N trials per layer
+shape, in a database kept in benchmarks/.tuning-db/).
 
 Usage: python benchmarks/bsr_layers.py [--quick] [--repeat N] [--tune-trials N] [--only TEXT] [--rows N]
 """
@@ -91,10 +93,10 @@ def main() -> None:
         from prune2tvm.compile.tune import TuningDatabase, tune_module
 
         database = TuningDatabase(Path(__file__).parent / ".tuning-db", target)
-    tvm_dense = {}  # (label, rows) -> compiled tuned dense build
-    print("| layer | rows | block | sparsity | BSR ms | TVM dense (tuned) ms | ORT dense ms | vs TVM dense "
-          "| vs ORT | ideal | of ideal (ORT) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    tvm_dense, packed = {}, {}  # (label, rows) -> compiled tuned / packed dense build
+    print("| layer | rows | block | sparsity | BSR ms | TVM dense (packed) ms | TVM dense (tuned) ms | ORT dense ms "
+          "| vs TVM packed | vs ORT | ideal | of ideal (ORT) | packed / ORT |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for label, rows, block, sparsity, write, shape in cases:
             path = Path(tmp) / "layer.onnx"
@@ -102,7 +104,11 @@ def main() -> None:
             compiled = compile_onnx(path, target, {"input": shape}, sparsify=SparsifyOptions(block, 0.0))
             ort = session(path, threads=target.threads)
             feeds = {"input": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-            calls = {"bsr": compiled.bind(feeds), "ort": lambda: ort.run(None, feeds)}
+            if (label, rows) not in packed:  # the dense kernel's time does not depend on the weights' values
+                packed[(label, rows)] = compile_onnx(path, target, {"input": shape},
+                                                     sparsify=SparsifyOptions(bsr=False))
+            calls = {"bsr": compiled.bind(feeds), "ort": lambda: ort.run(None, feeds),
+                     "packed": packed[(label, rows)].bind(feeds)}
             if database is not None:
                 if (label, rows) not in tvm_dense:  # schedules do not depend on the weights' values
                     tune_module(prepare_module(path, target, {"input": shape}).mod, target, database, args.tune_trials)
@@ -112,10 +118,10 @@ def main() -> None:
             speedup = stats["ort"].median / stats["bsr"].median
             ideal = 1.0 / (1.0 - sparsity)
             tvm_ms = f"{stats['tvm'].median:.3f}" if "tvm" in stats else "-"
-            vs_tvm = f"{stats['tvm'].median / stats['bsr'].median:.2f}x" if "tvm" in stats else "-"
-            print(f"| {label} | {rows} | {block[0]}x{block[1]} | {sparsity:.2f} | {stats['bsr'].median:.3f} | "
-                  f"{tvm_ms} | {stats['ort'].median:.3f} | {vs_tvm} | {speedup:.2f}x | {ideal:.1f}x | "
-                  f"{100 * speedup / ideal:.0f} % |", flush=True)
+            bsr_ms, packed_ms, ort_ms = stats["bsr"].median, stats["packed"].median, stats["ort"].median
+            print(f"| {label} | {rows} | {block[0]}x{block[1]} | {sparsity:.2f} | {bsr_ms:.3f} | {packed_ms:.3f} | "
+                  f"{tvm_ms} | {ort_ms:.3f} | {packed_ms / bsr_ms:.2f}x | {speedup:.2f}x | {ideal:.1f}x | "
+                  f"{100 * speedup / ideal:.0f} % | {packed_ms / ort_ms:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
 """Whole models from the zoo at real size, random weights pruned one shot with 4x1 blocks:
 TVM with BSR kernels vs TVM dense vs onnxruntime dense, measured side by side.
 
-The TVM dense build uses TVM's default schedules. With --tune-trials N, what the BSR rewrite
-leaves dense in the BSR build (depthwise convs, attention's activation products, pooling,
-elementwise ops) is tuned with meta_schedule, N trials per model, in a database kept in
-benchmarks/.tuning-db/; without it those parts are untuned too: read the BSR/ORT ratio with
-that in mind. --skip-tvm-dense leaves out the (slow) dense TVM build.
+With --tune-trials N, both TVM builds are tuned with meta_schedule, N trials each, in a
+database kept in benchmarks/.tuning-db/: the dense build whole, the BSR build in what the
+rewrite leaves dense (depthwise convs, attention's activation products, pooling, elementwise
+ops) and, under --auto, the dense forms of the layers it measures. Without it both use TVM's
+default schedules: read the ratios with that in mind. --skip-tvm-dense leaves out the dense
+TVM build.
+
+--sparsity S prunes every model at S instead of its default (90 % for the encoder, 70 % for
+the CNNs); --auto compiles with --sparsity auto (each layer measured dense and BSR on this
+machine) instead of the threshold 0.5. --dense-kernel (as compile's option) says what computes
+the layers that stay dense, in both TVM builds: packed (the default: prune2tvm's packed dense
+kernel; the dense build is `compile --dense-kernel packed` without --bsr) or tvm (TVM's ops).
 
 Usage: python benchmarks/bsr_models.py [--models bert_base,mobilenet_v2,resnet50] [--repeat N]
-       [--tune-trials N] [--skip-tvm-dense] [--fast-math]
+       [--tune-trials N] [--skip-tvm-dense] [--fast-math] [--sparsity S] [--auto] [--dense-kernel packed|tvm]
 """
 
 from __future__ import annotations
@@ -33,16 +40,20 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--target", default="x86")
-    parser.add_argument("--tune-trials", type=int, default=0, help="tune the BSR build's dense parts, N trials")
+    parser.add_argument("--tune-trials", type=int, default=0, help="tune both TVM builds, N trials each")
     parser.add_argument("--skip-tvm-dense", action="store_true", help="do not build or measure TVM dense")
-    parser.add_argument("--fast-math", action="store_true", help="TVM's fast erf/exp/tanh/softmax in the BSR build")
+    parser.add_argument("--fast-math", action="store_true", help="TVM's fast erf/exp/tanh/softmax in both TVM builds")
+    parser.add_argument("--sparsity", type=float, default=None, help="prune every model at this sparsity")
+    parser.add_argument("--auto", action="store_true", help="compile with --sparsity auto instead of 0.5")
+    parser.add_argument("--dense-kernel", choices=["packed", "tvm"], default="packed")
     args = parser.parse_args()
 
     from prune2tvm.compile import compile_onnx
-    from prune2tvm.compile.build import SparsifyOptions
+    from prune2tvm.compile.build import SparsifyOptions, prepare_module
     from prune2tvm.config import load_target
     from prune2tvm.export import export_onnx
     from prune2tvm.measure.latency import measure_interleaved
+    from prune2tvm.compile.tune import TuningDatabase, tune_module, tune_prepared
     from prune2tvm.models import build_model
     from prune2tvm.onnxrt import session
     from prune2tvm.prune.blocks import prune_blocks_one_shot
@@ -51,6 +62,7 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         shape, classes, sparsity, pruned = MODELS[name]
+        sparsity = sparsity if args.sparsity is None else args.sparsity
         torch.manual_seed(0)
         model = build_model(name, shape, classes).eval()
         skip = ("classifier",) if name == "bert_base" else ()
@@ -58,15 +70,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             check = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
             onnx_model = export_onnx(model, shape, Path(tmp) / f"{name}.onnx", 17, check)
-            shapes, sparsify = {"input": [1, *shape]}, SparsifyOptions((4, 1), 0.5)
+            shapes = {"input": [1, *shape]}
+            sparsify = SparsifyOptions((4, 1), 0.5, auto=args.auto, dense_kernel=args.dense_kernel)
+            dense_options = SparsifyOptions(bsr=False) if args.dense_kernel == "packed" else None
             database = prepared = None
-            if args.tune_trials:
-                from prune2tvm.compile.build import prepare_module
-                from prune2tvm.compile.tune import TuningDatabase, tune_module
 
+            def prepare(options):
+                return prepare_module(onnx_model.path, target, shapes, options, database, args.fast_math)
+
+            if args.tune_trials:
                 database = TuningDatabase(Path(__file__).parent / ".tuning-db", target)
-                prepared = prepare_module(onnx_model.path, target, shapes, sparsify, fast_math=args.fast_math)
-                tune_module(prepared.mod, target, database, args.tune_trials)
+                prepared, _ = tune_prepared(prepare(sparsify), lambda: prepare(sparsify), target, database,
+                                            args.tune_trials)
             start = time.perf_counter()
             bsr = compile_onnx(onnx_model.path, target, shapes, sparsify=sparsify, database=database, prepared=prepared,
                                fast_math=args.fast_math)
@@ -75,12 +90,20 @@ def main() -> None:
             feeds = {"input": check}
             calls = {"bsr": bsr.bind(feeds), "ort": lambda: ort.run(None, feeds)}
             if not args.skip_tvm_dense:
-                calls["tvm_dense"] = compile_onnx(onnx_model.path, target, shapes).bind(feeds)
+                dense = prepare(dense_options)
+                if database is not None:
+                    tune_module(dense.mod, target, database, args.tune_trials)
+                calls["tvm_dense"] = compile_onnx(onnx_model.path, target, shapes, database=database, prepared=dense,
+                                                  fast_math=args.fast_math).bind(feeds)
             stats = measure_interleaved(calls, warmup=2, repeat=args.repeat, rounds=2)
         n_bsr = sum(d["kind"] == "bsr" for d in bsr.info.layers)
         rows.append((name, sparsity, pruned, n_bsr, len(bsr.info.layers), len(skipped), bsr_build_s, stats))
-        print(f"{name}: BSR {stats['bsr'].median:.2f} ms, ORT {stats['ort'].median:.2f} ms", flush=True)
+        dense_ms = f", TVM dense {stats['tvm_dense'].median:.2f} ms" if "tvm_dense" in stats else ""
+        print(f"{name}: BSR {stats['bsr'].median:.2f} ms{dense_ms}, ORT {stats['ort'].median:.2f} ms", flush=True)
 
+    mode = "--sparsity auto" if args.auto else "--sparsity 0.5"
+    print(f"\nTVM BSR: compiled with --bsr 4 {mode} --dense-kernel {args.dense_kernel}; "
+          f"TVM dense: --dense-kernel {args.dense_kernel}")
     print("\n| model | pruned (4x1 blocks) | BSR layers | TVM BSR ms | TVM dense ms | ORT dense ms "
           "| BSR vs TVM dense | BSR vs ORT |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

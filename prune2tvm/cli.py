@@ -335,6 +335,9 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 @click.option("--sparsity", "threshold", default="0.5", show_default=True,
               help="A layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense. "
                    "'auto': measure each layer dense and as BSR on the target and keep the faster.")
+@click.option("--dense-kernel", type=click.Choice(["packed", "tvm"]), default=None,
+              help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel; "
+                   "the default with --bsr) or tvm (TVM's op, fast once tuned; the default without --bsr).")
 @click.option("--db", "db_dir", type=click.Path(file_okay=False),
               help="Tuning database to apply (default: the target's database in the cache, if there is one).")
 @click.option("--no-db", is_flag=True, help="Build with TVM's default schedules even if a tuning database exists.")
@@ -344,7 +347,7 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None,
-             block_cols: int, threshold: str, db_dir: str | None, no_db: bool, include_tuning: bool, fast_math: bool,
+             block_cols: int, threshold: str, dense_kernel: str | None, db_dir: str | None, no_db: bool, include_tuning: bool, fast_math: bool,
              output: str, force: bool) -> None:
     """Compile an ONNX model with TVM, rewriting block-sparse layers into BSR kernels (with
     --bsr), check it against onnxruntime, and write the deployment artifact (model.so and
@@ -352,7 +355,7 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
-    sparsify = _sparsify_options(block_rows, block_cols, threshold)
+    sparsify = _sparsify_options(block_rows, block_cols, threshold, dense_kernel)
     tgt = load_target(target or DEFAULT_TARGET)
     shapes = _checked_onnx(model, batch_size, input_shapes)
     from prune2tvm.compile import compile_onnx
@@ -371,26 +374,30 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     click.echo(f"wrote {output} ({status}" + (f", max abs diff {worst:.2e})" if worst is not None else ")"))
 
 
-def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str):
-    """--bsr/--bsc/--sparsity -> SparsifyOptions, or None for a dense build."""
+def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str, dense_kernel: str | None):
+    """--bsr/--bsc/--sparsity/--dense-kernel -> SparsifyOptions, or None for a dense build
+    with TVM's ops."""
+    from prune2tvm.compile.build import SparsifyOptions
+
     if block_rows is None:
         if block_cols != 1:
             raise InputError("--bsc needs --bsr (the block rows); e.g. --bsr 4 --bsc 1")
-        return None
+        if threshold == "auto":
+            raise InputError("--sparsity auto needs --bsr (the block rows); e.g. --bsr 4 --sparsity auto")
+        return SparsifyOptions(bsr=False, dense_kernel="packed") if dense_kernel == "packed" else None
     for option, value in (("--bsr", block_rows), ("--bsc", block_cols)):
         if value < 1:
             raise InputError(f"{option} {value} is not a valid block size; valid: a positive integer")
-    from prune2tvm.compile.build import SparsifyOptions
-
+    dense_kernel = dense_kernel or "packed"
     if threshold == "auto":
-        return SparsifyOptions((block_rows, block_cols), auto=True)
+        return SparsifyOptions((block_rows, block_cols), auto=True, dense_kernel=dense_kernel)
     try:
         value = float(threshold)
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:
         raise InputError(f"--sparsity {threshold} is not valid; valid: a number in [0, 1] or auto")
-    return SparsifyOptions((block_rows, block_cols), value)
+    return SparsifyOptions((block_rows, block_cols), value, dense_kernel=dense_kernel)
 
 
 def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> dict[str, list[int]]:
@@ -419,6 +426,9 @@ def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> 
 @click.option("--bsr", "block_rows", type=int, default=None, help="Rewrite block-sparse layers first, as compile does.")
 @click.option("--bsc", "block_cols", type=int, default=1, show_default=True)
 @click.option("--sparsity", "threshold", default="0.5", show_default=True)
+@click.option("--dense-kernel", type=click.Choice(["packed", "tvm"]), default=None,
+              help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel; "
+                   "the default with --bsr) or tvm (TVM's op, fast once tuned; the default without --bsr).")
 @click.option("--fast-math", is_flag=True, help="As compile --fast-math.")
 @click.option("--time-limit", "time_limit", type=float, default=None,
               help="Stop tuning after this many seconds (the round in flight is finished and kept).")
@@ -431,14 +441,14 @@ def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> 
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def tune(model: str, target: str | None, trials: int, trials_per_task: int | None, db_dir: str | None,
          batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None, block_cols: int, threshold: str,
-         fast_math: bool, time_limit: float | None, rpc_tracker: str | None, rpc_key: str | None, rpc_wait: float,
+         dense_kernel: str | None, fast_math: bool, time_limit: float | None, rpc_tracker: str | None, rpc_key: str | None, rpc_wait: float,
          output: str, force: bool) -> None:
     """Tune a model's dense operators with meta_schedule into a persistent database, then
     build, verify and save the tuned model. Tasks already tuned are not tuned again."""
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
-    sparsify = _sparsify_options(block_rows, block_cols, threshold)
+    sparsify = _sparsify_options(block_rows, block_cols, threshold, dense_kernel)
     tgt = load_target(target or DEFAULT_TARGET)
     from prune2tvm.compile.remote import RpcDevice
     from prune2tvm.compile.tune import check_can_measure, open_database

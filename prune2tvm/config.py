@@ -368,6 +368,7 @@ class BsrConfig:
 
     block: list[int] = field(default_factory=lambda: [4, 1])
     threshold: Union[float, Literal["auto"]] = 0.5  # auto: measure each layer on the target
+    dense_kernel: Literal["packed", "tvm"] = "packed"  # what computes the layers left dense (CPU targets)
 
     def check(self, where: str) -> None:
         if len(self.block) != 2 or any(b < 1 for b in self.block):

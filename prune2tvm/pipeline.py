@@ -245,12 +245,12 @@ def prune_variant(prune, train, seed: int, dense, data, final: float, name: str)
     return result
 
 
-def sparsify_options(block: list[int] | tuple[int, int], threshold):
+def sparsify_options(block: list[int] | tuple[int, int], threshold, dense_kernel: str = "packed"):
     """BSR rewrite options for a block and a threshold (a number, or "auto": measure each layer)."""
     from prune2tvm.compile.build import SparsifyOptions
 
     auto = threshold == "auto"
-    return SparsifyOptions(tuple(block), 0.0 if auto else threshold, auto=auto)
+    return SparsifyOptions(tuple(block), 0.0 if auto else threshold, auto=auto, dense_kernel=dense_kernel)
 
 
 def save_test_split(directory: Path, data) -> None:
@@ -329,7 +329,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
 
     threads = target.threads or os.cpu_count() or 1
     bsr = cfg.compile.bsr
-    sparsify = None if bsr is None else sparsify_options(bsr.block, bsr.threshold)
+    sparsify = None if bsr is None else sparsify_options(bsr.block, bsr.threshold, bsr.dense_kernel)
     data, variants = train_and_prune(cfg, store)
 
     x_test, y_test = data.test.x, data.test.y

@@ -45,13 +45,15 @@ class BsrMatrix:
         return np.zeros((1, *self.block), self.data.dtype), np.zeros(1, np.int32), self.indptr
 
     @classmethod
-    def from_dense(cls, weight: np.ndarray, block: tuple[int, int]) -> "BsrMatrix":
+    def from_dense(cls, weight: np.ndarray, block: tuple[int, int], keep_zero_blocks: bool = False) -> "BsrMatrix":
+        """The nonzero R x C blocks of ``weight`` (every block with ``keep_zero_blocks``: the
+        dense layout prune2tvm's packed kernel reads)."""
         rows, cols = block
         n, k = weight.shape
         if n % rows or k % cols:
             raise ValueError(f"weight {list(weight.shape)} is not divisible into {rows}x{cols} blocks")
         blocks = weight.reshape(n // rows, rows, k // cols, cols).transpose(0, 2, 1, 3)
-        nonzero = np.any(blocks != 0, axis=(2, 3))
+        nonzero = np.ones(blocks.shape[:2], bool) if keep_zero_blocks else np.any(blocks != 0, axis=(2, 3))
         block_row, block_col = np.nonzero(nonzero)
         indptr = np.zeros(n // rows + 1, dtype=np.int32)
         np.cumsum(nonzero.sum(axis=1), out=indptr[1:])

@@ -52,6 +52,29 @@ def test_auto_keeps_only_layers_that_measure_faster_as_bsr(layered_onnx):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_layers_of_one_shape_share_one_dense_measurement(tmp_path, monkeypatch):
+    """A transformer's 12 blocks have 4 layer shapes: the dense form of each shape is measured
+    once (its time does not depend on the weights' values); BSR, which does, per layer."""
+    from prune2tvm.compile.auto_select import LayerTimer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 512)).eval()
+    with torch.no_grad():
+        for layer in model[::2]:
+            out, inp = layer.weight.shape
+            layer.weight.mul_((torch.rand(out // 4, inp) >= 0.6).repeat_interleave(4, 0))
+    path = tmp_path / "same.onnx"
+    torch.onnx.export(model, torch.randn(1, 256), str(path), dynamo=False, opset_version=17, input_names=["input"])
+    timed = []
+    original = LayerTimer._time
+    monkeypatch.setattr(LayerTimer, "_time", lambda self, mod, x, db=None: timed.append(mod) or original(self, mod, x, db))
+    layers = compile_onnx(path, load_target("x86"), {"input": [1, 256]},
+                          sparsify=SparsifyOptions((4, 1), auto=True)).info.layers
+    assert len(timed) == 3 + 2  # BSR for each layer, dense for each of the two shapes
+    assert layers[0]["dense_ms"] == layers[1]["dense_ms"] != layers[2]["dense_ms"]
+    assert len({layer["bsr_ms"] for layer in layers}) == 3
+
+
 def test_auto_needs_a_target_that_runs_here(layered_onnx):
     with pytest.raises(UnsupportedError, match="--sparsity auto measures layers on the target, and cuda cannot run here"):
         compile_onnx(layered_onnx, load_target("cuda"), {"input": [1, 512]}, sparsify=SparsifyOptions((4, 1), auto=True))
@@ -69,14 +92,16 @@ def test_auto_from_the_cli_and_from_pipeline_files(layered_onnx, tmp_path):
 
 
 def test_tune_with_auto_tunes_the_dense_layers_it_compares_with(layered_onnx, tmp_path):
-    """Against TVM's untuned dense (50-100x slower than tuned on CPU) nearly every layer picks
-    BSR; `tune --sparsity auto` tunes each measured layer's dense form too, decides again
-    against the tuned times, and the compiled model's table says which it compared with."""
+    """With --dense-kernel tvm, against TVM's untuned dense (50-100x slower than tuned on CPU)
+    nearly every layer picks BSR; `tune --sparsity auto` tunes each measured layer's dense form
+    too, decides again against the tuned times, and the compiled model's table says which it
+    compared with."""
     import json
 
     db = tmp_path / "db"
     # three tasks (the dense output layer, the two measured layers' dense forms), a round of 8 each
-    result = CliRunner().invoke(cli, ["tune", str(layered_onnx), "--bsr", "4", "--sparsity", "auto", "--trials", "24",
+    result = CliRunner().invoke(cli, ["tune", str(layered_onnx), "--bsr", "4", "--sparsity", "auto", "--dense-kernel", "tvm",
+                                      "--trials", "24",
                                       "--db", str(db), "-o", str(tmp_path / "out")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("  auto 0.weight:")]

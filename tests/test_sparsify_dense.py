@@ -72,7 +72,7 @@ def test_rewrite_replaces_sparse_matmuls_with_bsr_kernel_calls(mixed_onnx):
     target = load_target("x86")
     mod = import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})
     assert ops_in(mod["main"]).count("relax.matmul") == 3
-    new, decisions = sparsify_module(mod, mixed_onnx, target, SparsifyOptions((4, 1), 0.5))
+    new, decisions = sparsify_module(mod, mixed_onnx, target, SparsifyOptions((4, 1), 0.5, dense_kernel="tvm"))
     assert [(d.name, d.kind) for d in decisions if d.op == "conv2d"] == [
         ("conv.weight", "dense"), ("dw.weight", "dense"), ("pw.weight", "dense")]  # not pruned in this model
     decisions = [d for d in decisions if d.op == "dense"]
@@ -102,7 +102,8 @@ def test_rewrite_replaces_sparse_matmuls_with_bsr_kernel_calls(mixed_onnx):
 
 def test_nothing_sparse_enough_leaves_the_module_as_it_was(mixed_onnx):
     mod = import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})
-    new, decisions = sparsify_module(mod, mixed_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.95))
+    new, decisions = sparsify_module(mod, mixed_onnx, load_target("x86"),
+                                     SparsifyOptions((4, 1), 0.95, dense_kernel="tvm"))
     decisions = [d for d in decisions if d.op == "dense"]
     # no BSR kernel: every matmul is still there (only the depthwise conv became prune2tvm's kernel)
     kernels = [g.name_hint for g, f in new.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -202,3 +203,44 @@ def test_a_bert_style_encoder_with_bsr_linear_layers_matches_onnxruntime(tmp_pat
     x = np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_layers_left_dense_run_the_packed_kernel_unless_told_tvm(mixed_onnx, tmp_path):
+    """On CPUs, a constant-weight layer that stays dense runs prune2tvm's packed kernel (every
+    block stored): untuned, it is within about 1.3x of onnxruntime, TVM's own op 50-100x
+    slower. Layers no panel shape divides, and ``--dense-kernel tvm``, keep TVM's op."""
+    mod = import_onnx(mixed_onnx, {"input": [2, 4, 4, 4]})
+    target = load_target("x86")
+    packed, decisions = sparsify_module(mod, mixed_onnx, target, SparsifyOptions((4, 1), 0.95))
+    assert [(d.name, d.kind) for d in decisions] == [(name, "dense") for name in (
+        "conv.weight", "dw.weight", "pw.weight", "fc1.weight", "fc2.weight", "head.weight")]
+    packed_layers = [d.name for d in decisions if "runs prune2tvm's packed dense kernel" in d.reason]
+    assert packed_layers == ["conv.weight", "pw.weight", "fc1.weight", "fc2.weight"]
+    assert decisions[3].reason.startswith("block sparsity 0.79") and "(16x1 panels)" in decisions[3].reason  # 2 rows
+    assert "(8x1 panels)" in decisions[0].reason  # a conv: many rows (pixels)
+    ops = ops_in(packed["main"])
+    assert ops.count("relax.matmul") == 1 and ops.count("relax.nn.conv2d") == 0  # only head [10, 12] is TVM's
+    stored = [call.args[1].fields[1] for call in _call_tirs(packed["main"]) if "bsr_matmul" in call.args[0].name_hint]
+    assert [int(s.ty.shape[0]) for s in stored] == [64 // 16 * 128, 12 // 4 * 64]  # every block, zero ones included
+    tvm_only, _ = sparsify_module(mod, mixed_onnx, target, SparsifyOptions((4, 1), 0.95, dense_kernel="tvm"))
+    assert ops_in(tvm_only["main"]).count("relax.matmul") == 3
+
+    # the dense build (no --bsr) packs too when asked, and matches onnxruntime
+    result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), "--dense-kernel", "packed", "-b", "3",
+                                      "-o", str(tmp_path / "packed")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "dense build (no --bsr); runs prune2tvm's packed dense kernel" in result.output
+    x = np.random.default_rng(0).standard_normal((3, 4, 4, 4)).astype(np.float32)
+    compiled = compile_onnx(mixed_onnx, target, {"input": [3, 4, 4, 4]}, sparsify=SparsifyOptions(bsr=False))
+    np.testing.assert_allclose(compiled.run({"input": x})[0], session(mixed_onnx).run(None, {"input": x})[0],
+                               rtol=1e-4, atol=1e-5)
+    result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), "--sparsity", "auto", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--sparsity auto needs --bsr" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def _call_tirs(func: relax.Function) -> list[relax.Call]:
+    calls = []
+    relax.analysis.post_order_visit(func.body, lambda e: calls.append(e) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir" else None)
+    return calls

@@ -3,13 +3,17 @@ whichever is faster, so no layer is slower than its dense TVM build.
 
 Each layer is measured on its own: a one-op Relax function built from the layer's
 ``Probe`` (dense), and the same function after the BSR pass, both compiled exactly as the
-model is and timed with ``time_evaluator`` on this machine.
+model is and timed with ``time_evaluator`` on this machine. A dense layer's time depends on
+its kernels, not on its weights' values, so layers of one shape (a transformer's 12 blocks)
+share one dense measurement; the BSR time depends on where the nonzero blocks are, and each
+layer is measured.
 
 "Its dense TVM build" is the tuned one where the tuning database has the dense layer's
 schedule: against TVM's untuned default (50-100x slower on CPU) nearly every layer would
 choose BSR, also where the tuned dense layer is faster. ``prune2tvm tune --sparsity auto``
 therefore tunes each measured layer's dense probe too (``LayerTimer.probes``), and decides
-again with the tuned times.
+again with the tuned times. Under ``--dense-kernel packed`` (the default on CPUs), a layer
+that stays dense runs prune2tvm's packed dense kernel, and that is what BSR is measured against.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tvm import relax
 
 from prune2tvm.compile.passes.decisions import LayerDecision, Probe
 from prune2tvm.compile.target import device, tvm_target
-from prune2tvm.compile.tune import build_with_database, has_tuned_schedules
+from prune2tvm.compile.tune import build_with_database, has_tuned_schedules, workload_key
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import UnsupportedError
 from prune2tvm.progress import say
@@ -36,27 +40,39 @@ class LayerTimer:
     eligible layer as BSR (the same passes and kernels the model gets)."""
 
     def __init__(self, target: TargetConfig, to_bsr: Callable[[tvm.IRModule], tvm.IRModule], database=None,
-                 min_repeat_ms: int = 30, repeat: int = 5):
+                 min_repeat_ms: int = 30, repeat: int = 5,
+                 to_dense: Callable[[tvm.IRModule], tvm.IRModule] | None = None):
         ok, why = target.runs_here()
         if not ok:
             raise UnsupportedError(f"--sparsity auto measures layers on the target, and {target.name} cannot run "
                                    f"here ({why}); give a threshold instead")
         self.target = target
         self.to_bsr = to_bsr
+        self.to_dense = to_dense  # how a layer left dense is compiled (the packed kernel), or None: TVM's op
         self.database = database  # a TuningDatabase whose dense schedules apply, or None
         self.probes: list[tvm.IRModule] = []  # each measured layer's dense module, for the tuner
+        self._dense: dict[tuple, tuple[float, str]] = {}  # workload key: (ms, "tuned dense" or "untuned dense")
         self.min_repeat_ms = min_repeat_ms
         self.repeat = repeat
 
     def __call__(self, decision: LayerDecision, probe: Probe) -> bool:
         dense = single_op_module(probe)
-        self.probes.append(dense)
+        if self.to_dense is not None:
+            dense = self.to_dense(dense)
+        else:
+            self.probes.append(dense)
         x = np.random.default_rng(0).standard_normal(probe.input_shape).astype(np.float32)
-        tuned = self.database is not None and has_tuned_schedules(dense, self.target, self.database)
-        decision.dense_ms = self._time(dense, x, self.database if tuned else None)
+        key = (tuple(probe.input_shape), workload_key(dense, self.target))
+        if key not in self._dense:
+            if self.to_dense is not None:
+                self._dense[key] = (self._time(dense, x), "packed dense")
+            else:
+                tuned = self.database is not None and has_tuned_schedules(dense, self.target, self.database)
+                self._dense[key] = (self._time(dense, x, self.database if tuned else None),
+                                    "tuned dense" if tuned else "untuned dense")
+        decision.dense_ms, dense_kind = self._dense[key]
         decision.bsr_ms = self._time(self.to_bsr(single_op_module(probe)), x)
         faster = decision.bsr_ms < decision.dense_ms
-        dense_kind = "tuned dense" if tuned else "untuned dense"
         say(f"  auto {decision.name}: {dense_kind} {decision.dense_ms:.4f} ms, BSR {decision.bsr_ms:.4f} ms -> "
             f"{'BSR' if faster else 'dense'}")
         if faster:

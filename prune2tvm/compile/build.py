@@ -11,6 +11,7 @@ The phases, in order (each logged with its duration):
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -53,16 +54,29 @@ class Check:
     tolerance: float
 
 
+DENSE_KERNELS = ("packed", "tvm")
+
+
 @dataclass(frozen=True)
 class SparsifyOptions:
     """``--bsr R --bsc C --sparsity S``: a layer whose fraction of all-zero R x C blocks is at
-    least ``threshold`` becomes a BSR kernel; the others stay dense."""
+    least ``threshold`` becomes a BSR kernel; the others stay dense. ``--dense-kernel``: on
+    CPUs, what computes a constant-weight layer that stays dense: ``packed`` (prune2tvm's BSR
+    kernel with every block stored, within about 1.3x of onnxruntime untuned) or ``tvm``
+    (TVM's own op, as fast as ``prune2tvm tune`` makes it). ``bsr=False``: a dense build
+    (no layer becomes BSR) that still packs."""
 
     block: tuple[int, int] = (4, 1)
     threshold: float = 0.5
     auto: bool = False  # measure each layer on the target instead (threshold then ignored)
+    dense_kernel: str = "packed"
+    bsr: bool = True
 
     def __post_init__(self) -> None:
+        if self.dense_kernel not in DENSE_KERNELS:
+            raise InputError(f"dense kernel {self.dense_kernel!r} is not valid; valid: {', '.join(DENSE_KERNELS)}")
+        if not self.bsr and self.auto:
+            raise InputError("--sparsity auto needs --bsr (the block rows); e.g. --bsr 4 --sparsity auto")
         if self.auto:
             from prune2tvm.compile.auto_select import AUTO_MIN_BLOCK_SPARSITY
 
@@ -273,7 +287,8 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
     layers, specs, probes = [], {}, []
     if sparsify is not None:
         rule = "auto (measured per layer)" if sparsify.auto else f"threshold {sparsify.threshold:g}"
-        with phase("sparsify", f"{sparsify.block[0]}x{sparsify.block[1]} blocks, {rule}"):
+        what = f"{sparsify.block[0]}x{sparsify.block[1]} blocks, {rule}" if sparsify.bsr else "no BSR"
+        with phase("sparsify", f"{what}, dense layers: {sparsify.dense_kernel} kernel"):
             from prune2tvm.compile.bsr_tune import BsrRecords
 
             records = BsrRecords.open(database.path) if database is not None else None
@@ -334,26 +349,29 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
 
     names = WeightNames(onnx.load(str(onnx_path)))
     select = None
+    pack = options.dense_kernel == "packed"
     if options.auto:
         from prune2tvm.compile.auto_select import LayerTimer
 
-        select = LayerTimer(target, lambda m: run_sparsify_passes(m, target, options.block, 0.0)[0], database)
-    mod, decisions = run_sparsify_passes(mod, target, options.block, options.threshold, names.lookup, select,
-                                         records, specs)
+        def packed(m):
+            return run_sparsify_passes(m, target, options.block, math.inf, pack=True)[0]
+
+        select = LayerTimer(target, lambda m: run_sparsify_passes(m, target, options.block, 0.0)[0], database,
+                            to_dense=packed if pack else None)
+    threshold = options.threshold if options.bsr else math.inf
+    mod, decisions = run_sparsify_passes(mod, target, options.block, threshold, names.lookup, select,
+                                         records, specs, pack)
     if select is not None and probes is not None:
         probes.extend(select.probes)
-    for d in decisions:
-        if options.auto and d.dense_ms is None and d.block_sparsity is not None:
-            d.reason = (f"auto: block sparsity {d.block_sparsity:.3f} < {options.threshold:g}, "
-                        "not worth measuring; left dense")
     return mod, decisions
 
 
 def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], threshold: float, names=None, select=None,
-                        records=None, specs: dict | None = None):
+                        records=None, specs: dict | None = None, pack: bool = False):
     """The BSR rewrite passes with the target's kernels. CPU kernels take their
     parameters from ``records`` (``BsrRecords`` of the tuning database) where it has them, and
-    each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner."""
+    each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner. ``pack``: on
+    CPUs, layers that stay dense run the packed dense kernel."""
     from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
     from prune2tvm.compile.kernels.bsr_conv2d import PhaseLayout, bsr_conv2d_cpu, conv_search_space
     from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu, phased_depthwise
@@ -405,8 +423,9 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
             return depthwise_conv2d_cpu(shape, lanes, epilogue, layout)
 
         mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
-                                              depthwise_kernel)
-    mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels)
+                                              depthwise_kernel, pack)
+    mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels,
+                                          pack and target.kind != "cuda")
     return fuse_epilogues(mod, kernels), in_graph_order(conv_decisions + dense_decisions)
 
 

@@ -317,6 +317,12 @@ def _tasks(mods: list[tvm.IRModule], tgt) -> list:
     return tasks
 
 
+def workload_key(mod: tvm.IRModule, target: TargetConfig) -> tuple[str, ...]:
+    """The tasks ``mod`` compiles to, by hash: equal for modules whose kernels are the same,
+    whatever the values of their constants (which the kernels take as arguments)."""
+    return tuple(sorted(_task_hash(task.dispatched[0]) for task in _tasks([mod], tvm_target(target))))
+
+
 def has_tuned_schedules(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase) -> bool:
     """Whether ``db`` has a schedule for every task of ``mod`` (the BSR kernels, hand-scheduled,
     need none)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -86,9 +87,11 @@ class DecisionLog:
 
 
 def decide_bsr(decision: LayerDecision, matrix: np.ndarray, block: tuple[int, int],
-               threshold: float) -> BsrMatrix | None:
+               threshold: float, measured: bool = False) -> BsrMatrix | None:
     """The BSR form of a weight matrix [out, in] if it divides into blocks and its block
-    sparsity reaches the threshold; else None, with the reason in ``decision``."""
+    sparsity reaches the threshold; else None, with the reason in ``decision``. ``measured``:
+    the layers that reach it are measured next (``--sparsity auto``); a threshold of infinity
+    is a dense build."""
     n, k = matrix.shape
     if n % block[0] or k % block[1]:
         decision.reason = f"[{n}, {k}] does not divide into {block[0]}x{block[1]} blocks; left dense"
@@ -96,11 +99,37 @@ def decide_bsr(decision: LayerDecision, matrix: np.ndarray, block: tuple[int, in
     sparsity = block_sparsity(matrix, block)
     decision.block_sparsity = sparsity
     if sparsity < threshold:
-        decision.reason = f"block sparsity {sparsity:.3f} < threshold {threshold:g}"
+        if math.isinf(threshold):
+            decision.reason = "dense build (no --bsr)"
+        elif measured:
+            decision.reason = f"auto: block sparsity {sparsity:.3f} < {threshold:g}, not worth measuring; left dense"
+        else:
+            decision.reason = f"block sparsity {sparsity:.3f} < threshold {threshold:g}"
         return None
     decision.kind = "bsr"
     decision.reason = f"block sparsity {sparsity:.3f} >= threshold {threshold:g}"
     return BsrMatrix.from_dense(np.ascontiguousarray(matrix), block)
+
+
+def packed_block(outputs: int, rows: int) -> tuple[int, int] | None:
+    """The panel shape of prune2tvm's packed dense kernel (the BSR kernel with every block
+    stored) for a layer of ``outputs`` outputs over ``rows`` activation rows: 16 outputs a
+    panel for a few rows (GEMV-like: fewer, longer panels), 8 for many (8 accumulators of 16
+    rows a panel); None if no panel height divides the outputs."""
+    for height in ((16, 8, 4) if rows < 16 else (8, 16, 4)):
+        if outputs % height == 0:
+            return height, 1
+    return None
+
+
+def pack_dense(decision: LayerDecision, matrix: np.ndarray, rows: int) -> BsrMatrix | None:
+    """A layer that stays dense, as the packed kernel's panels of ``matrix`` [out, in] (said in
+    ``decision``), or None where no panel shape fits: TVM's own dense op then computes it."""
+    block = packed_block(matrix.shape[0], rows)
+    if block is None:
+        return None
+    decision.reason += f"; runs prune2tvm's packed dense kernel ({block[0]}x{block[1]} panels)"
+    return BsrMatrix.from_dense(np.ascontiguousarray(matrix), block, keep_zero_blocks=True)
 
 
 def rewrite_functions(mod: tvm.IRModule, builder: relax.BlockBuilder, pattern, rewrite) -> tvm.IRModule:

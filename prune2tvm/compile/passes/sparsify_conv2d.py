@@ -4,7 +4,9 @@ The weight is viewed as a matrix [O, C*KH*KW] and cut into R x C blocks (R outpu
 the N of 1xN). The input is zero-padded by the conv's padding (if any) and flattened per
 image; the kernel gets, instead of block column indices, each stored column's offset into
 that padded image. Grouped and depthwise convs stay dense; given a ``depthwise`` factory,
-depthwise convs (one filter per channel) become prune2tvm's dense depthwise kernel. The bias
+depthwise convs (one filter per channel) become prune2tvm's dense depthwise kernel; with
+``pack``, a conv that stays dense but could be BSR runs the BSR kernel with every block
+stored (``pack_dense``). The bias
 add and ReLU that follow are folded into the kernels afterwards (``fuse_epilogue``).
 """
 
@@ -23,8 +25,8 @@ from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, phased_depthwise
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry, register
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
-                                                decide_bsr, in_graph_order, rewrite_functions, selected,
-                                                static_shape)
+                                                decide_bsr, in_graph_order, pack_dense, rewrite_functions,
+                                                selected, static_shape)
 
 # Makes the kernel for one conv: (shape, epilogue, data, indptr, column offsets) -> PrimFunc
 ConvKernelFactory = Callable[[BsrConv2dShape, Epilogue, np.ndarray, np.ndarray, np.ndarray], tvm.tirx.PrimFunc]
@@ -34,7 +36,8 @@ DepthwiseKernelFactory = Callable[[DepthwiseShape, Epilogue], tvm.tirx.PrimFunc]
 def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: ConvKernelFactory,
                     names: LayerNamer | None = None, select: Selector | None = None,
                     kernels: KernelRegistry | None = None,
-                    depthwise: DepthwiseKernelFactory | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                    depthwise: DepthwiseKernelFactory | None = None,
+                    pack: bool = False) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per conv2d, in graph order. Each kernel
     emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
     x, weight, other = wildcard(), is_const(), wildcard()
@@ -61,28 +64,31 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
             if depthwise is not None and why_dense.startswith("depthwise") and w.shape[1] == 1:
                 return _depthwise(call, matches[x], x_shape, w, decision)
             return call
-        bsr = decide_bsr(decision, matrix, block, threshold)
+        bsr = decide_bsr(decision, matrix, block, threshold, measured=select is not None)
         strides, padding, dilation = ([int(v) for v in a] for a in (attrs.strides, attrs.padding, attrs.dilation))
         probe = Probe(x_shape, lambda v: relax.op.nn.conv2d(v, relax.const(w), strides=strides, padding=padding,
                                                            dilation=dilation))
-        if bsr is None or not selected(decision, probe, select):
-            return call
         n, _, h, wd = x_shape
         pads = tuple(int(p) for p in attrs.padding)
         top, left, bottom, right = pads
         out_shape = [int(d) for d in call.ty.shape]
+        if bsr is None or not selected(decision, probe, select):
+            bsr = pack_dense(decision, matrix, out_shape[2] * out_shape[3]) if pack else None
+            if bsr is None:
+                return call
+        panel = bsr.block  # the user's block, or the packed kernel's panels where it stays dense
         data, _, indptr = bsr.kernel_arrays()
         if strides != [1, 1]:  # split into stride phases: the kernel then reads with stride 1
             layout = PhaseLayout(c, (h, wd), pads, (kh, kw), tuple(strides), tuple(dilation))
             shape = BsrConv2dShape(n, layout.planes, layout.plane, o, (out_shape[2], out_shape[3]), (kh, kw),
-                                   (1, 1), (1, 1), block, bsr.nnzb)
+                                   (1, 1), (1, 1), panel, bsr.nnzb)
             pad = builder.add_func(pad_phases_cpu(n, layout), "pad_phases")
             flat = relax.call_tir(pad, [matches[x]], relax.TensorType([n, layout.planes * layout.plane[0]
                                                                        * layout.plane[1]], "float32"))
-            offsets = layout.offsets(bsr.indices, block[1])
+            offsets = layout.offsets(bsr.indices, panel[1])
         else:
             shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
-                                   (kh, kw), (1, 1), tuple(dilation), block, bsr.nnzb)
+                                   (kh, kw), (1, 1), tuple(dilation), panel, bsr.nnzb)
             flat_shape = [n, c * shape.padded[0] * shape.padded[1]]
             if top or bottom or left or right:  # padded and flattened in one parallel pass
                 pad = builder.add_func(pad_flat_cpu(n, c, h, wd, pads), "pad_flat")

@@ -8,7 +8,8 @@ ReLU that follow are folded into the kernel afterwards (``fuse_epilogue``).
 
 A layer becomes BSR when its block sparsity (the fraction of all-zero R x C blocks of
 W[N, K]) is at least the threshold and its shape divides into blocks; every matched layer
-gets a ``LayerDecision`` saying what was done and why.
+gets a ``LayerDecision`` saying what was done and why. With ``pack``, a constant-weight layer
+that stays dense runs the same kernel with every block stored (``pack_dense``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
-                                                decide_bsr, in_graph_order, rewrite_functions, selected,
-                                                static_shape)
+                                                decide_bsr, in_graph_order, pack_dense, rewrite_functions,
+                                                selected, static_shape)
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry, register
 from prune2tvm.sparse import BsrMatrix
 
@@ -35,7 +36,7 @@ KernelFactory = Callable[[int, BsrMatrix, Epilogue], tvm.tirx.PrimFunc]
 
 def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: KernelFactory,
                    names: LayerNamer | None = None, select: Selector | None = None,
-                   kernels: KernelRegistry | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                   kernels: KernelRegistry | None = None, pack: bool = False) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per constant-weight matmul, in graph order.
     Each kernel emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
     x, weight, other = wildcard(), is_const(), wildcard()
@@ -73,12 +74,14 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
         if dtype != "float32" or w_nk.dtype != np.float32:
             decision.reason = f"dtype {dtype} (BSR kernels are float32)"
             return call
-        bsr = decide_bsr(decision, w_nk, block, threshold)
+        bsr = decide_bsr(decision, w_nk, block, threshold, measured=select is not None)
         w_kn = np.ascontiguousarray(w_nk.T)
         probe = Probe(x_shape, lambda v: relax.op.matmul(v, relax.const(w_kn)))
-        if bsr is None or not selected(decision, probe, select):
-            return call
         rows = math.prod(x_shape[:-1])
+        if bsr is None or not selected(decision, probe, select):
+            bsr = pack_dense(decision, w_nk, rows) if pack else None
+            if bsr is None:
+                return call
         gvar = builder.add_func(kernel(rows, bsr, NO_EPILOGUE), "bsr_matmul")
         data, indices, indptr = bsr.kernel_arrays()
         weights = const(data)
