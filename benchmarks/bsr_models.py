@@ -1,10 +1,11 @@
 """Whole models from the zoo at real size, random weights pruned one shot with 4x1 blocks:
 TVM with BSR kernels vs TVM dense vs onnxruntime dense, measured side by side.
 
-With --tune-trials N, both TVM builds are tuned with meta_schedule, N trials each, in a
-database kept in benchmarks/.tuning-db/: the dense build whole, the BSR build in what the
-rewrite leaves dense (depthwise convs, attention's activation products, pooling, elementwise
-ops) and, under --auto, the dense forms of the layers it measures. Without it both use TVM's
+With --tune-trials N, both TVM builds are tuned as `prune2tvm tune` tunes, in a database
+kept in benchmarks/.tuning-db/: meta_schedule, N trials each, for what stays TVM's ops
+(attention's activation products, pooling, elementwise ops, and under --dense-kernel tvm
+the dense layers and --auto's measured dense forms), then the parameter search of the BSR
+and packed dense kernels. Without it both use TVM's
 default schedules: read the ratios with that in mind. --skip-tvm-dense leaves out the dense
 TVM build.
 
@@ -53,7 +54,7 @@ def main() -> None:
     from prune2tvm.config import load_target
     from prune2tvm.export import export_onnx
     from prune2tvm.measure.latency import measure_interleaved
-    from prune2tvm.compile.tune import TuningDatabase, tune_module, tune_prepared
+    from prune2tvm.compile.tune import TuningDatabase, tune_prepared
     from prune2tvm.models import build_model
     from prune2tvm.onnxrt import session
     from prune2tvm.prune.blocks import prune_blocks_one_shot
@@ -80,8 +81,8 @@ def main() -> None:
 
             if args.tune_trials:
                 database = TuningDatabase(Path(__file__).parent / ".tuning-db", target)
-                prepared, _ = tune_prepared(prepare(sparsify), lambda: prepare(sparsify), target, database,
-                                            args.tune_trials)
+                prepared = tune_prepared(prepare(sparsify), lambda: prepare(sparsify), target, database,
+                                         args.tune_trials, search_bsr=True)[0]
             start = time.perf_counter()
             bsr = compile_onnx(onnx_model.path, target, shapes, sparsify=sparsify, database=database, prepared=prepared,
                                fast_math=args.fast_math)
@@ -92,7 +93,8 @@ def main() -> None:
             if not args.skip_tvm_dense:
                 dense = prepare(dense_options)
                 if database is not None:
-                    tune_module(dense.mod, target, database, args.tune_trials)
+                    dense = tune_prepared(dense, lambda: prepare(dense_options), target, database, args.tune_trials,
+                                          search_bsr=True)[0]
                 calls["tvm_dense"] = compile_onnx(onnx_model.path, target, shapes, database=database, prepared=dense,
                                                   fast_math=args.fast_math).bind(feeds)
             stats = measure_interleaved(calls, warmup=2, repeat=args.repeat, rounds=2)

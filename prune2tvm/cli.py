@@ -472,17 +472,11 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
         return prepare_module(model, tgt, shapes, sparsify, database, fast_math)
 
     prepared = prepare()
-    bsr_reports = []
     try:
-        prepared, reports = tune_prepared(prepared, prepare, tgt, database, trials, trials_per_task=trials_per_task,
-                                          time_limit_s=time_limit, rpc=rpc)
-        if prepared.bsr_kernels and tgt.kind != "cuda":
-            from prune2tvm.compile.bsr_tune import BsrRecords, tune_bsr_kernels
-
-            bsr_reports = tune_bsr_kernels(prepared.bsr_kernels, tgt, BsrRecords.open(database.path), rpc)
-            if any(r.status == "tuned" for r in bsr_reports):  # rebuild the kernels with what was found
-                prepared = prepare()
-        elif prepared.bsr_kernels:
+        prepared, reports, bsr_reports = tune_prepared(prepared, prepare, tgt, database, trials, search_bsr=True,
+                                                       rpc=rpc, trials_per_task=trials_per_task,
+                                                       time_limit_s=time_limit)
+        if prepared.bsr_kernels and tgt.kind == "cuda":
             click.echo(f"BSR kernels: no parameter search for {tgt.name} (the CUDA kernel has none)")
     except BaseException as exc:
         if not _interrupted(exc):

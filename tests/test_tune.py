@@ -263,3 +263,27 @@ def test_a_task_the_budget_did_not_reach_is_tuned_by_the_next_run(tmp_path):
     again = statuses(second.output)
     assert ("already tuned", 0) in again
     assert any(status in ("tuned", "untuned kept (faster)") and trials >= 1 for status, trials in again), again
+
+
+def test_the_bsr_search_times_candidates_in_alternating_rounds(tmp_path, monkeypatch):
+    """One vCPU of these machines intermittently runs at about 2/3 speed: a candidate timed
+    once, during a slow spell, lost to a slower one. Each candidate is now timed in turn,
+    round after round, and judged by its best round."""
+    from types import SimpleNamespace
+
+    from prune2tvm.compile import bsr_tune
+    from prune2tvm.config import load_target
+
+    order = []
+    script = {1: [100.0, 100.0, 100.0], 2: [150.0, 60.0, 65.0]}  # candidate 2's first round in a slow spell
+
+    def timer(spec, params, target, session=None):
+        times = iter(script[params["u"]])
+        return lambda: order.append(params["u"]) or next(times)
+
+    monkeypatch.setattr(bsr_tune, "_kernel_timer", timer)
+    records = bsr_tune.BsrRecords.open(tmp_path)
+    spec = SimpleNamespace(key="k", layer="a kernel", space=[{"u": 1}, {"u": 2}])
+    [report] = bsr_tune.tune_bsr_kernels([spec], load_target("x86"), records)
+    assert order == [1, 2] * bsr_tune.SEARCH_ROUNDS
+    assert records.params("k") == {"u": 2} and (report.default_us, report.best_us) == (100.0, 60.0)
