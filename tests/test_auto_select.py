@@ -12,6 +12,7 @@ from prune2tvm.compile.build import SparsifyOptions
 from prune2tvm.config import load_pipeline, load_target
 from prune2tvm.errors import ConfigError, UnsupportedError
 from prune2tvm.onnxrt import session
+from prune2tvm.pipeline import sparsify_options
 from conftest import write_yaml
 
 
@@ -89,6 +90,11 @@ def test_auto_from_the_cli_and_from_pipeline_files(layered_onnx, tmp_path):
     assert cfg.compile.bsr.threshold == "auto"
     with pytest.raises(ConfigError, match="compile.bsr.threshold: 'fast' is not valid"):
         load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {bsr: {threshold: fast}}\n", "bad.yaml"))
+    assert cfg.compile.bsr.dense_kernel == "packed"  # the default, as compile's --dense-kernel with --bsr
+    cfg = load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {bsr: {dense_kernel: tvm}}\n", "tvm.yaml"))
+    assert sparsify_options(cfg.compile.bsr.block, 0.5, cfg.compile.bsr.dense_kernel).dense_kernel == "tvm"
+    with pytest.raises(ConfigError, match="compile.bsr.dense_kernel: 'fast' is not valid; valid choices: packed, tvm"):
+        load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {bsr: {dense_kernel: fast}}\n", "bad2.yaml"))
 
 
 def test_tune_with_auto_tunes_the_dense_layers_it_compares_with(layered_onnx, tmp_path):

@@ -353,11 +353,10 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
     if options.auto:
         from prune2tvm.compile.auto_select import LayerTimer
 
-        def packed(m):
-            return run_sparsify_passes(m, target, options.block, math.inf, pack=True)[0]
+        def probe_as(threshold: float):  # a measured layer's module as the build makes it, searched parameters too
+            return lambda m: run_sparsify_passes(m, target, options.block, threshold, records=records, pack=True)[0]
 
-        select = LayerTimer(target, lambda m: run_sparsify_passes(m, target, options.block, 0.0)[0], database,
-                            to_dense=packed if pack else None)
+        select = LayerTimer(target, probe_as(0.0), database, to_dense=probe_as(math.inf) if pack else None)
     threshold = options.threshold if options.bsr else math.inf
     mod, decisions = run_sparsify_passes(mod, target, options.block, threshold, names.lookup, select,
                                          records, specs, pack)
