@@ -290,6 +290,9 @@ def test_tune_trials_tunes_what_stays_dense_once_and_the_report_says_so(tmp_path
     assert "3 task(s) need none" in tunings[2]  # the dense variant's, already in the database
     records = [json.loads(line) for line in (db / "records.json").read_text().splitlines() if line.strip()]
     assert records  # the dense model's kernels measured into the database
+    # then the parameter search of its packed dense kernels (2), and of the variant's BSR kernels (2)
+    assert [t.count("searching 2 BSR kernel(s)") for t in tunings[:3:2]] == [1, 1]
+    assert len(json.loads((db / "bsr.json").read_text())) == 4
     md = (out / "report.md").read_text()
     assert f"tuning records in {db}, each variant's new tasks tuned first with a budget of 8 trials" in md
     before = results(out)
