@@ -12,8 +12,9 @@ layer is measured.
 schedule: against TVM's untuned default (50-100x slower on CPU) nearly every layer would
 choose BSR, also where the tuned dense layer is faster. ``prune2tvm tune --sparsity auto``
 therefore tunes each measured layer's dense probe too (``LayerTimer.probes``), and decides
-again with the tuned times. Under ``--dense-kernel packed`` (the default on CPUs), a layer
-that stays dense runs prune2tvm's packed dense kernel, and that is what BSR is measured against.
+again with the tuned times. Under ``--dense-kernel packed`` (the default with ``--bsr``), a
+layer that stays dense runs prune2tvm's packed dense kernel on CPUs, and that is what BSR is
+measured against.
 """
 
 from __future__ import annotations
@@ -51,25 +52,20 @@ class LayerTimer:
         self.to_dense = to_dense  # how a layer left dense is compiled (the packed kernel), or None: TVM's op
         self.database = database  # a TuningDatabase whose dense schedules apply, or None
         self.probes: list[tvm.IRModule] = []  # each measured layer's dense module, for the tuner
-        self._dense: dict[tuple, tuple[float, str]] = {}  # workload key: (ms, "tuned dense" or "untuned dense")
+        self._dense: dict[tuple, tuple[float, str]] = {}  # (input shape, workload key): _dense_time
         self.min_repeat_ms = min_repeat_ms
         self.repeat = repeat
 
     def __call__(self, decision: LayerDecision, probe: Probe) -> bool:
         dense = single_op_module(probe)
-        if self.to_dense is not None:
-            dense = self.to_dense(dense)
+        if self.to_dense is None:
+            self.probes.append(dense)  # TVM's op, for the tuner
         else:
-            self.probes.append(dense)
+            dense = self.to_dense(dense)
         x = np.random.default_rng(0).standard_normal(probe.input_shape).astype(np.float32)
         key = (tuple(probe.input_shape), workload_key(dense, self.target))
         if key not in self._dense:
-            if self.to_dense is not None:
-                self._dense[key] = (self._time(dense, x), "packed dense")
-            else:
-                tuned = self.database is not None and has_tuned_schedules(dense, self.target, self.database)
-                self._dense[key] = (self._time(dense, x, self.database if tuned else None),
-                                    "tuned dense" if tuned else "untuned dense")
+            self._dense[key] = self._dense_time(dense, x)
         decision.dense_ms, dense_kind = self._dense[key]
         decision.bsr_ms = self._time(self.to_bsr(single_op_module(probe)), x)
         faster = decision.bsr_ms < decision.dense_ms
@@ -81,6 +77,13 @@ class LayerTimer:
             decision.reason = (f"auto: {dense_kind} {decision.dense_ms:.4f} ms <= BSR {decision.bsr_ms:.4f} ms; "
                                "left dense")
         return faster
+
+    def _dense_time(self, dense: tvm.IRModule, x: np.ndarray) -> tuple[float, str]:
+        """(ms, what was measured) for a layer's dense module."""
+        if self.to_dense is not None:
+            return self._time(dense, x), "packed dense"
+        tuned = self.database is not None and has_tuned_schedules(dense, self.target, self.database)
+        return self._time(dense, x, self.database if tuned else None), "tuned dense" if tuned else "untuned dense"
 
     def _time(self, mod: tvm.IRModule, x: np.ndarray, database=None) -> float:
         dev = device(self.target)
