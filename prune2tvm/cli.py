@@ -322,6 +322,13 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
     click.echo(f"wrote {output} (max abs diff vs torch {result.max_abs_diff:.2e})")
 
 
+# compile's and tune's --dense-kernel (the values of build.DENSE_KERNELS, not imported here: it loads TVM)
+DENSE_KERNEL_OPTION = click.option(
+    "--dense-kernel", type=click.Choice(["packed", "tvm"]), default=None,
+    help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel; "
+         "the default with --bsr) or tvm (TVM's op, fast once tuned; the default without --bsr).")
+
+
 @cli.command(name="compile")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", default=None, help="Target name or YAML file (default: x86, the host CPU).")
@@ -335,9 +342,7 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 @click.option("--sparsity", "threshold", default="0.5", show_default=True,
               help="A layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense. "
                    "'auto': measure each layer dense and as BSR on the target and keep the faster.")
-@click.option("--dense-kernel", type=click.Choice(["packed", "tvm"]), default=None,
-              help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel; "
-                   "the default with --bsr) or tvm (TVM's op, fast once tuned; the default without --bsr).")
+@DENSE_KERNEL_OPTION
 @click.option("--db", "db_dir", type=click.Path(file_okay=False),
               help="Tuning database to apply (default: the target's database in the cache, if there is one).")
 @click.option("--no-db", is_flag=True, help="Build with TVM's default schedules even if a tuning database exists.")
@@ -426,9 +431,7 @@ def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> 
 @click.option("--bsr", "block_rows", type=int, default=None, help="Rewrite block-sparse layers first, as compile does.")
 @click.option("--bsc", "block_cols", type=int, default=1, show_default=True)
 @click.option("--sparsity", "threshold", default="0.5", show_default=True)
-@click.option("--dense-kernel", type=click.Choice(["packed", "tvm"]), default=None,
-              help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel; "
-                   "the default with --bsr) or tvm (TVM's op, fast once tuned; the default without --bsr).")
+@DENSE_KERNEL_OPTION
 @click.option("--fast-math", is_flag=True, help="As compile --fast-math.")
 @click.option("--time-limit", "time_limit", type=float, default=None,
               help="Stop tuning after this many seconds (the round in flight is finished and kept).")
