@@ -325,8 +325,8 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 # compile's and tune's --dense-kernel (the values of build.DENSE_KERNELS, not imported here: it loads TVM)
 DENSE_KERNEL_OPTION = click.option(
     "--dense-kernel", type=click.Choice(["packed", "tvm"]), default=None,
-    help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel; "
-         "the default with --bsr) or tvm (TVM's op, fast once tuned; the default without --bsr).")
+    help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel, "
+         "close to onnxruntime untuned; the default) or tvm (TVM's op, as fast as 'prune2tvm tune' makes it).")
 
 
 @cli.command(name="compile")
@@ -360,8 +360,8 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
-    sparsify = _sparsify_options(block_rows, block_cols, threshold, dense_kernel)
     tgt = load_target(target or DEFAULT_TARGET)
+    sparsify = _sparsify_options(block_rows, block_cols, threshold, dense_kernel, tgt)
     shapes = _checked_onnx(model, batch_size, input_shapes)
     from prune2tvm.compile import compile_onnx
     from prune2tvm.compile.tune import open_database
@@ -379,17 +379,18 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     click.echo(f"wrote {output} ({status}" + (f", max abs diff {worst:.2e})" if worst is not None else ")"))
 
 
-def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str, dense_kernel: str | None):
-    """--bsr/--bsc/--sparsity/--dense-kernel -> SparsifyOptions, or None for a dense build
-    with TVM's ops."""
-    from prune2tvm.compile.build import SparsifyOptions
+def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str, dense_kernel: str | None, target):
+    """--bsr/--bsc/--sparsity/--dense-kernel -> SparsifyOptions, or None for a build with
+    TVM's ops only (--dense-kernel tvm without --bsr, or a GPU target without --bsr: the packed
+    kernel is for CPUs)."""
+    from prune2tvm.compile.build import SparsifyOptions, dense_options
 
     if block_rows is None:
         if block_cols != 1:
             raise InputError("--bsc needs --bsr (the block rows); e.g. --bsr 4 --bsc 1")
         if threshold == "auto":
             raise InputError("--sparsity auto needs --bsr (the block rows); e.g. --bsr 4 --sparsity auto")
-        return SparsifyOptions(bsr=False, dense_kernel="packed") if dense_kernel == "packed" else None
+        return dense_options(dense_kernel or "packed", target)
     for option, value in (("--bsr", block_rows), ("--bsc", block_cols)):
         if value < 1:
             raise InputError(f"{option} {value} is not a valid block size; valid: a positive integer")
@@ -451,8 +452,8 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
     from prune2tvm.config import DEFAULT_TARGET, load_target
     from prune2tvm.fsutil import staged_dir
 
-    sparsify = _sparsify_options(block_rows, block_cols, threshold, dense_kernel)
     tgt = load_target(target or DEFAULT_TARGET)
+    sparsify = _sparsify_options(block_rows, block_cols, threshold, dense_kernel, tgt)
     from prune2tvm.compile.remote import RpcDevice
     from prune2tvm.compile.tune import check_can_measure, open_database
 

@@ -368,7 +368,6 @@ class BsrConfig:
 
     block: list[int] = field(default_factory=lambda: [4, 1])
     threshold: Union[float, Literal["auto"]] = 0.5  # auto: measure each layer on the target
-    dense_kernel: Literal["packed", "tvm"] = "packed"  # what computes the layers left dense (CPU targets)
 
     def check(self, where: str) -> None:
         if len(self.block) != 2 or any(b < 1 for b in self.block):
@@ -381,6 +380,8 @@ class BsrConfig:
 class CompileConfig:
     target: str = DEFAULT_TARGET
     bsr: Optional[BsrConfig] = None  # null: every layer stays dense
+    # what computes the constant-weight layers that stay dense on CPU targets (compile --dense-kernel)
+    dense_kernel: Literal["packed", "tvm"] = "packed"
     fast_math: bool = False  # TVM's fast erf/exp/tanh/softmax (prune2tvm compile --fast-math)
 
 

@@ -253,6 +253,16 @@ def sparsify_options(block: list[int] | tuple[int, int], threshold, dense_kernel
     return SparsifyOptions(tuple(block), 0.0 if auto else threshold, auto=auto, dense_kernel=dense_kernel)
 
 
+def compile_options(compile_cfg, target):
+    """The pipeline's ``compile:`` section as the build's SparsifyOptions (None: TVM's ops only)."""
+    from prune2tvm.compile.build import dense_options
+
+    bsr = compile_cfg.bsr
+    if bsr is None:
+        return dense_options(compile_cfg.dense_kernel, target)
+    return sparsify_options(bsr.block, bsr.threshold, compile_cfg.dense_kernel)
+
+
 def save_test_split(directory: Path, data) -> None:
     """The test split, as ``python -m prune2tvm.runtime`` takes it, to reproduce the accuracy."""
     import numpy as np
@@ -328,8 +338,7 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
     from prune2tvm.train import accuracy, predict_torch
 
     threads = target.threads or os.cpu_count() or 1
-    bsr = cfg.compile.bsr
-    sparsify = None if bsr is None else sparsify_options(bsr.block, bsr.threshold, bsr.dense_kernel)
+    sparsify = compile_options(cfg.compile, target)
     data, variants = train_and_prune(cfg, store)
 
     x_test, y_test = data.test.x, data.test.y
@@ -387,21 +396,22 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
         torch_version=torch.__version__,
         onnxruntime_version=onnxruntime.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        notes=[_build_note(bsr)],
+        notes=[_build_note(cfg.compile.bsr, sparsify)],
         config=cfg.to_dict(),
     )
     with phase("report", "report.json, report.md, accuracy_vs_latency.png"):
         write_report(report, stage)
 
 
-def _build_note(bsr) -> str:
-    untuned = "with TVM's default (untuned) schedules; autotuning is not applied in this run"
+def _build_note(bsr, sparsify) -> str:
+    untuned = "TVM's default (untuned) schedules; autotuning is not applied in this run"
+    dense = (f"prune2tvm's packed dense kernel (TVM's ops, with {untuned}, where no panel fits and for "
+             "everything else)" if sparsify is not None and sparsify.dense_kernel == "packed" else f"TVM's ops with {untuned}")
     if bsr is None:
-        return f"TVM builds use dense kernels {untuned}."
+        return f"TVM builds run their linear and conv layers with {dense}."
     rule = ("is faster as BSR when measured on the target" if bsr.threshold == "auto"
             else f"has at least {bsr.threshold:g} of its {bsr.block[0]}x{bsr.block[1]} blocks all zero")
-    return (f"TVM builds run each linear and conv layer that {rule} as prune2tvm's BSR kernels; other "
-            f"layers use dense kernels {untuned}.")
+    return f"TVM builds run each linear and conv layer that {rule} as prune2tvm's BSR kernels; other layers with {dense}."
 
 
 def _sensitivity_variants(cfg: PipelineConfig, dense, data) -> list:

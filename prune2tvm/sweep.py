@@ -355,7 +355,8 @@ class Sweep:
         x_test, y_test = data.test.x, data.test.y
         batch = cfg.measure.batch_size
         # the dense variant: every layer stays dense, still in the layer table
-        sparsify = sparsify_options((1, 1), 1.0) if spec.prune is None else sparsify_options((spec.block, 1), self.threshold)
+        block, threshold = ((1, 1), 1.0) if spec.prune is None else ((spec.block, 1), self.threshold)
+        sparsify = sparsify_options(block, threshold, cfg.compile.dense_kernel)
         with staged_dir(self.out / "variants" / spec.name, force=True, what="variant") as stage:
             onnx_model, compiled = build_variant(stage, spec.name, model, plan, data, cfg, self.target, sparsify,
                                                  self.database, self.options.tune_trials)

@@ -12,7 +12,7 @@ from prune2tvm.compile.build import SparsifyOptions
 from prune2tvm.config import load_pipeline, load_target
 from prune2tvm.errors import ConfigError, UnsupportedError
 from prune2tvm.onnxrt import session
-from prune2tvm.pipeline import sparsify_options
+from prune2tvm.pipeline import compile_options
 from conftest import write_yaml
 
 
@@ -90,11 +90,19 @@ def test_auto_from_the_cli_and_from_pipeline_files(layered_onnx, tmp_path):
     assert cfg.compile.bsr.threshold == "auto"
     with pytest.raises(ConfigError, match="compile.bsr.threshold: 'fast' is not valid"):
         load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {bsr: {threshold: fast}}\n", "bad.yaml"))
-    assert cfg.compile.bsr.dense_kernel == "packed"  # the default, as compile's --dense-kernel with --bsr
-    cfg = load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {bsr: {dense_kernel: tvm}}\n", "tvm.yaml"))
-    assert sparsify_options(cfg.compile.bsr.block, 0.5, cfg.compile.bsr.dense_kernel).dense_kernel == "tvm"
-    with pytest.raises(ConfigError, match="compile.bsr.dense_kernel: 'fast' is not valid; valid choices: packed, tvm"):
-        load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {bsr: {dense_kernel: fast}}\n", "bad2.yaml"))
+    x86, cuda = load_target("x86"), load_target("cuda")
+    assert cfg.compile.dense_kernel == "packed"  # the default, as compile's --dense-kernel
+    assert compile_options(cfg.compile, x86).dense_kernel == "packed"
+    cfg = load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {bsr: {block: [4, 1]}, dense_kernel: tvm}\n", "tvm.yaml"))
+    assert compile_options(cfg.compile, x86).dense_kernel == "tvm"
+    # without bsr: a dense build, packed on CPUs; TVM's ops only when told, and on GPUs
+    dense = load_pipeline(write_yaml(tmp_path, "name: x\n", "dense.yaml"))
+    assert compile_options(dense.compile, x86) == SparsifyOptions(bsr=False)
+    assert compile_options(dense.compile, cuda) is None
+    dense = load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {dense_kernel: tvm}\n", "dense-tvm.yaml"))
+    assert compile_options(dense.compile, x86) is None
+    with pytest.raises(ConfigError, match="compile.dense_kernel: 'fast' is not valid; valid choices: packed, tvm"):
+        load_pipeline(write_yaml(tmp_path, "name: x\ncompile: {dense_kernel: fast}\n", "bad2.yaml"))
 
 
 def test_tune_with_auto_tunes_the_dense_layers_it_compares_with(layered_onnx, tmp_path):

@@ -146,7 +146,7 @@ def test_tuning_stopped_at_a_random_point_keeps_its_records_and_resumes(tmp_path
     db = tmp_path / "db"
     at = kill_at(2.0, 45.0)  # the first round of 8 ends after about 15 s, the next every 8 s
     context = f"tuning stopped with {signal_name} after {at} s (PRUNE2TVM_KILL_AT={at} replays it)"
-    code, output = start_and_kill(["tune", str(model), "--trials", "64", "--db", str(db), "-o",
+    code, output = start_and_kill(["tune", str(model), "--dense-kernel", "tvm", "--trials", "64", "--db", str(db), "-o",
                                    str(tmp_path / "first")], at, signal_name)
     check_stopped(code, output, signal_name, context)
     kept = complete_records(db)
@@ -154,7 +154,7 @@ def test_tuning_stopped_at_a_random_point_keeps_its_records_and_resumes(tmp_path
         assert not (tmp_path / "first").exists(), context  # no half-written artifact
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], context
 
-    resumed = run_cli("tune", model, "--trials", 64, "--time-limit", 1, "--db", db, "-o", tmp_path / "second")
+    resumed = run_cli("tune", model, "--dense-kernel", "tvm", "--trials", 64, "--time-limit", 1, "--db", db, "-o", tmp_path / "second")
     assert resumed.exit_code == 0, f"{context}\n{resumed.output}"
     assert complete_records(db) >= kept, context
     row = next(line for line in resumed.output.splitlines() if line.startswith("| matmul |"))

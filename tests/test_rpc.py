@@ -122,7 +122,8 @@ def model(tmp_path_factory):
 
 def test_tuning_measures_on_both_rpc_devices(fleet, model, tmp_path):
     tmp, port, procs = fleet
-    result = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "--rpc-tracker", f"127.0.0.1:{port}",
+    result = run_cli("tune", model, "--dense-kernel", "tvm", "--trials", 8, "--db", tmp_path / "db", "--rpc-tracker",
+                     f"127.0.0.1:{port}",
                      "--rpc-key", KEY, "-o", tmp_path / "tuned")
     assert result.exit_code == 0, result.output
     assert f"on 2 device(s) under key '{KEY}'" in result.output
@@ -134,7 +135,8 @@ def test_tuning_measures_on_both_rpc_devices(fleet, model, tmp_path):
     assert all(n >= 1 for n in loads), loads
     assert (tmp_path / "tuned" / "manifest.json").exists()
     # the records are usable: a second run does no new trials
-    result = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "--rpc-tracker", f"127.0.0.1:{port}",
+    result = run_cli("tune", model, "--dense-kernel", "tvm", "--trials", 8, "--db", tmp_path / "db", "--rpc-tracker",
+                     f"127.0.0.1:{port}",
                      "--rpc-key", KEY, "-o", tmp_path / "tuned", "--force")
     assert result.exit_code == 0 and "0 new trials" in result.output, result.output
 

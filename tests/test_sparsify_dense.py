@@ -1,6 +1,7 @@
 """The dense -> BSR rewrite: structure of the rewritten module, decisions, and numerical
 equality with onnxruntime."""
 
+import json
 import shutil
 
 import numpy as np
@@ -225,11 +226,15 @@ def test_layers_left_dense_run_the_packed_kernel_unless_told_tvm(mixed_onnx, tmp
     tvm_only, _ = sparsify_module(mod, mixed_onnx, target, SparsifyOptions((4, 1), 0.95, dense_kernel="tvm"))
     assert ops_in(tvm_only["main"]).count("relax.matmul") == 3
 
-    # the dense build (no --bsr) packs too when asked, and matches onnxruntime
-    result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), "--dense-kernel", "packed", "-b", "3",
-                                      "-o", str(tmp_path / "packed")], catch_exceptions=False)
+    # the dense build (no --bsr) packs too, by default, and matches onnxruntime
+    result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), "-b", "3", "-o", str(tmp_path / "packed")],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "dense build (no --bsr); runs prune2tvm's packed dense kernel" in result.output
+    result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), "--dense-kernel", "tvm", "-o", str(tmp_path / "tvm")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "packed" not in result.output and not json.loads((tmp_path / "tvm" / "manifest.json").read_text())["layers"]
     x = np.random.default_rng(0).standard_normal((3, 4, 4, 4)).astype(np.float32)
     compiled = compile_onnx(mixed_onnx, target, {"input": [3, 4, 4, 4]}, sparsify=SparsifyOptions(bsr=False))
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(mixed_onnx).run(None, {"input": x})[0],

@@ -17,6 +17,11 @@ from onnx import TensorProto, helper, numpy_helper, save
 from prune2tvm.cli import cli
 
 
+# These tests are about meta_schedule's tuning of TVM's ops: the layers keep TVM's dense op
+# (by default, CPU builds run prune2tvm's packed kernel there, which meta_schedule does not tune).
+TVM_DENSE = ("--dense-kernel", "tvm")
+
+
 def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
@@ -37,7 +42,7 @@ def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     model = one_matmul(tmp / "one.onnx", 64, 32)
     with watching_workers() as workers:
-        result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned")
+        result = run_cli("tune", model, *TVM_DENSE, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned")
     assert result.exit_code == 0, result.output
     return tmp, model, result.output, workers
 
@@ -87,7 +92,7 @@ def test_tuning_fills_a_database_and_builds_a_verified_model(tuned):
 def test_a_second_identical_run_does_no_new_trials(tuned):
     tmp, model, _, _ = tuned
     before = (tmp / "db" / "records.json").read_text()
-    result = run_cli("tune", model, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned", "--force")
+    result = run_cli("tune", model, *TVM_DENSE, "--trials", 4, "--db", tmp / "db", "-o", tmp / "tuned", "--force")
     assert result.exit_code == 0, result.output
     assert "| matmul | 1 | already tuned | 0 |" in result.output and "0 new trials" in result.output
     assert (tmp / "db" / "records.json").read_text() == before
@@ -95,13 +100,13 @@ def test_a_second_identical_run_does_no_new_trials(tuned):
 
 def test_compile_applies_a_database_and_refuses_a_foreign_one(tuned, tmp_path):
     tmp, model, _, _ = tuned
-    result = run_cli("compile", model, "--db", tmp / "db", "-o", tmp_path / "build")
+    result = run_cli("compile", model, *TVM_DENSE, "--db", tmp / "db", "-o", tmp_path / "build")
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "build" / "manifest.json").read_text())
     assert info["verified"] and info["tuning_database"] == str(tmp / "db")
     assert list(info["files"]) == ["model.so"]
     # --include-tuning: the records it was built with travel in the artifact, checksummed
-    result = run_cli("compile", model, "--db", tmp / "db", "--include-tuning", "-o", tmp_path / "with-records")
+    result = run_cli("compile", model, *TVM_DENSE, "--db", tmp / "db", "--include-tuning", "-o", tmp_path / "with-records")
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "with-records" / "manifest.json").read_text())
     assert "tuning/records.json" in info["files"] and "tuning/meta.json" in info["files"]
@@ -138,7 +143,7 @@ def test_an_interrupted_write_is_set_aside_and_tuning_resumes(tuned, tmp_path):
     records = db / "records.json"
     complete = records.read_text()
     records.write_text(complete + complete.splitlines()[0][: len(complete.splitlines()[0]) // 2])
-    result = run_cli("tune", model, "--trials", 4, "--db", db, "-o", tmp_path / "tuned")
+    result = run_cli("tune", model, *TVM_DENSE, "--trials", 4, "--db", db, "-o", tmp_path / "tuned")
     assert result.exit_code == 0, result.output
     assert "0 new trials" in result.output
     assert records.read_text() == complete
@@ -253,12 +258,12 @@ def test_a_task_the_budget_did_not_reach_is_tuned_by_the_next_run(tmp_path):
         rows = [line.split("|") for line in output.splitlines() if line.startswith("| matmul")]
         return sorted((row[3].strip(), int(row[4])) for row in rows)
 
-    first = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "-o", tmp_path / "first")
+    first = run_cli("tune", model, *TVM_DENSE, "--trials", 8, "--db", tmp_path / "db", "-o", tmp_path / "first")
     assert first.exit_code == 0, first.output
     reached, unreached = sorted(statuses(first.output), key=lambda s: s[1], reverse=True)
     assert reached[0] in ("tuned", "untuned kept (faster)") and 1 <= reached[1] <= 8
     assert unreached == ("not reached (budget spent)", 0)
-    second = run_cli("tune", model, "--trials", 8, "--db", tmp_path / "db", "-o", tmp_path / "second")
+    second = run_cli("tune", model, *TVM_DENSE, "--trials", 8, "--db", tmp_path / "db", "-o", tmp_path / "second")
     assert second.exit_code == 0, second.output
     again = statuses(second.output)
     assert ("already tuned", 0) in again

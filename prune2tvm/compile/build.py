@@ -88,6 +88,13 @@ class SparsifyOptions:
             raise InputError(f"sparsity threshold {self.threshold} is out of range; valid: 0 <= S <= 1")
 
 
+def dense_options(dense_kernel: str, target: TargetConfig) -> SparsifyOptions | None:
+    """A dense build's options (no ``--bsr``): the packed dense kernel on CPUs, or None, TVM's
+    ops only (``dense_kernel`` "tvm", or a GPU target, where nothing is packed)."""
+    options = SparsifyOptions(bsr=False, dense_kernel=dense_kernel)  # checks the name
+    return options if dense_kernel == "packed" and target.kind != "cuda" else None
+
+
 @dataclass
 class CompileInfo:
     """A build's ``manifest.json``: what the runtime checks before it runs the build, and the
@@ -294,8 +301,10 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
             records = BsrRecords.open(database.path) if database is not None else None
             mod, decisions = sparsify_module(mod, onnx_path, target, sparsify, records, specs, database, probes)
             layers = [d.to_json() for d in decisions]
-            bsr = sum(d.kind == "bsr" for d in decisions)
-            say(f"  {bsr} of {len(decisions)} weight layers rewritten to BSR")
+            from prune2tvm.compile.passes.decisions import PACKED
+
+            bsr, packed = sum(d.kind == "bsr" for d in decisions), sum(PACKED in d.reason for d in decisions)
+            say(f"  of {len(decisions)} weight layers, {bsr} rewritten to BSR, {packed} packed dense")
     if fast_math:
         mod = relax.transform.FastMathTransform()(mod)
     return PreparedModel(mod, inputs, outputs, layers, list(specs.values()), probes)

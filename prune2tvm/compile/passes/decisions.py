@@ -122,13 +122,16 @@ def packed_block(outputs: int, rows: int) -> tuple[int, int] | None:
     return None
 
 
+PACKED = "runs prune2tvm's packed dense kernel"  # said in the reason of every packed layer
+
+
 def pack_dense(decision: LayerDecision, matrix: np.ndarray, rows: int) -> BsrMatrix | None:
     """A layer that stays dense, as the packed kernel's panels of ``matrix`` [out, in] (said in
     ``decision``), or None where no panel shape fits: TVM's own dense op then computes it."""
     block = packed_block(matrix.shape[0], rows)
     if block is None:
         return None
-    decision.reason += f"; runs prune2tvm's packed dense kernel ({block[0]}x{block[1]} panels)"
+    decision.reason += f"; {PACKED} ({block[0]}x{block[1]} panels)"
     return BsrMatrix.from_dense(np.ascontiguousarray(matrix), block, keep_zero_blocks=True)
 
 
