@@ -7,7 +7,7 @@ dense and as BSR and keeps the faster. Both builds run in alternating rounds in 
 `dense / auto` above 1 means auto is faster.
 
 The dense build is what `--dense-kernel` says (as compile's option): `packed` (the default:
-prune2tvm's packed dense kernel, `compile --dense-kernel packed` without --bsr), or `tvm`:
+prune2tvm's packed dense kernel, `compile` without --bsr), or `tvm`:
 TVM's op tuned with meta_schedule, N trials per layer shape in benchmarks/.tuning-db/
 (already-tuned shapes are not tuned again), the same database applied to both builds.
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from prune2tvm.compile import compile_onnx
-    from prune2tvm.compile.build import SparsifyOptions, prepare_module
+    from prune2tvm.compile.build import SparsifyOptions, dense_options, prepare_module
     from prune2tvm.compile.tune import TuningDatabase, tune_module
     from prune2tvm.config import load_target
     from prune2tvm.measure.latency import measure_interleaved
@@ -56,7 +56,7 @@ def main() -> None:
                       lambda p, b, s, c=c, o=o, k=k, size=size: conv_onnx(p, c, o, k, size, b, s, seed=int(100 * s)),
                       [1, c, size, size]))
     cases = [case for case in cases if args.only in case[0]]
-    dense_options = SparsifyOptions(bsr=False) if args.dense_kernel == "packed" else None
+    dense_build = dense_options(args.dense_kernel, target)  # as compile without --bsr
     print(f"| layer | block | sparsity | auto chose | dense ({args.dense_kernel}) ms | auto ms | dense / auto |")
     print("|---|---|---:|---|---:|---:|---:|")
     slower = []
@@ -68,11 +68,11 @@ def main() -> None:
                 for sparsity in SPARSITIES:
                     write(path, block, sparsity)
                     if dense is None:  # dense time and schedule do not depend on the weights' values
-                        if dense_options is None:
+                        if dense_build is None:
                             tune_module(prepare_module(path, target, {"input": shape}).mod, target, database,
                                         args.tune_trials)
                         dense = compile_onnx(path, target, {"input": shape}, database=database,
-                                             sparsify=dense_options)
+                                             sparsify=dense_build)
                     auto = compile_onnx(path, target, {"input": shape}, database=database,
                                         sparsify=SparsifyOptions(block, auto=True, dense_kernel=args.dense_kernel))
                     layer = auto.info.layers[0]

@@ -5,7 +5,7 @@ Each case is an ONNX MatMul (or Conv) with a block-sparse weight, compiled with
 check against onnxruntime), then timed against onnxruntime on the same ONNX in alternating
 rounds in one process. `ideal` is the FLOP-proportional 1 / (1 - sparsity).
 
-TVM dense is measured beside them: the packed dense build (`compile --dense-kernel packed`,
+TVM dense is measured beside them: the packed dense build (`compile` without --bsr, the default,
 prune2tvm's kernel with every block stored; `packed / ORT` is its time over onnxruntime's)
 and, with --tune-trials N, TVM's own dense op tuned with meta_schedule (N trials per layer
 shape, in a database kept in benchmarks/.tuning-db/).

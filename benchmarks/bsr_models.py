@@ -13,7 +13,7 @@ TVM build.
 the CNNs); --auto compiles with --sparsity auto (each layer measured dense and BSR on this
 machine) instead of the threshold 0.5. --dense-kernel (as compile's option) says what computes
 the layers that stay dense, in both TVM builds: packed (the default: prune2tvm's packed dense
-kernel; the dense build is `compile --dense-kernel packed` without --bsr) or tvm (TVM's ops).
+kernel; the dense build is `compile` without --bsr) or tvm (TVM's ops).
 
 Usage: python benchmarks/bsr_models.py [--models bert_base,mobilenet_v2,resnet50] [--repeat N]
        [--tune-trials N] [--skip-tvm-dense] [--fast-math] [--sparsity S] [--auto] [--dense-kernel packed|tvm]
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from prune2tvm.compile import compile_onnx
-    from prune2tvm.compile.build import SparsifyOptions, prepare_module
+    from prune2tvm.compile.build import SparsifyOptions, dense_options, prepare_module
     from prune2tvm.config import load_target
     from prune2tvm.export import export_onnx
     from prune2tvm.measure.latency import measure_interleaved
@@ -73,7 +73,7 @@ def main() -> None:
             onnx_model = export_onnx(model, shape, Path(tmp) / f"{name}.onnx", 17, check)
             shapes = {"input": [1, *shape]}
             sparsify = SparsifyOptions((4, 1), 0.5, auto=args.auto, dense_kernel=args.dense_kernel)
-            dense_options = SparsifyOptions(bsr=False) if args.dense_kernel == "packed" else None
+            dense_build = dense_options(args.dense_kernel, target)  # as compile without --bsr
             database = prepared = None
 
             def prepare(options):
@@ -91,9 +91,9 @@ def main() -> None:
             feeds = {"input": check}
             calls = {"bsr": bsr.bind(feeds), "ort": lambda: ort.run(None, feeds)}
             if not args.skip_tvm_dense:
-                dense = prepare(dense_options)
+                dense = prepare(dense_build)
                 if database is not None:
-                    dense = tune_prepared(dense, lambda: prepare(dense_options), target, database, args.tune_trials,
+                    dense = tune_prepared(dense, lambda: prepare(dense_build), target, database, args.tune_trials,
                                           search_bsr=True)[0]
                 calls["tvm_dense"] = compile_onnx(onnx_model.path, target, shapes, database=database, prepared=dense,
                                                   fast_math=args.fast_math).bind(feeds)
