@@ -82,7 +82,7 @@ def main() -> None:
             if args.tune_trials:
                 database = TuningDatabase(Path(__file__).parent / ".tuning-db", target)
                 prepared = tune_prepared(prepare(sparsify), lambda: prepare(sparsify), target, database,
-                                         args.tune_trials, search_bsr=True)[0]
+                                         args.tune_trials)[0]
             start = time.perf_counter()
             bsr = compile_onnx(onnx_model.path, target, shapes, sparsify=sparsify, database=database, prepared=prepared,
                                fast_math=args.fast_math)
@@ -93,8 +93,8 @@ def main() -> None:
             if not args.skip_tvm_dense:
                 dense = prepare(dense_build)
                 if database is not None:
-                    dense = tune_prepared(dense, lambda: prepare(dense_build), target, database, args.tune_trials,
-                                          search_bsr=True)[0]
+                    dense = tune_prepared(dense, lambda: prepare(dense_build), target, database,
+                                          args.tune_trials)[0]
                 calls["tvm_dense"] = compile_onnx(onnx_model.path, target, shapes, database=database, prepared=dense,
                                                   fast_math=args.fast_math).bind(feeds)
             stats = measure_interleaved(calls, warmup=2, repeat=args.repeat, rounds=2)

@@ -385,16 +385,16 @@ def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str, d
     kernel is for CPUs)."""
     from prune2tvm.compile.build import SparsifyOptions, dense_options
 
+    dense_kernel = dense_kernel or "packed"
     if block_rows is None:
         if block_cols != 1:
             raise InputError("--bsc needs --bsr (the block rows); e.g. --bsr 4 --bsc 1")
         if threshold == "auto":
             raise InputError("--sparsity auto needs --bsr (the block rows); e.g. --bsr 4 --sparsity auto")
-        return dense_options(dense_kernel or "packed", target)
+        return dense_options(dense_kernel, target)
     for option, value in (("--bsr", block_rows), ("--bsc", block_cols)):
         if value < 1:
             raise InputError(f"{option} {value} is not a valid block size; valid: a positive integer")
-    dense_kernel = dense_kernel or "packed"
     if threshold == "auto":
         return SparsifyOptions((block_rows, block_cols), auto=True, dense_kernel=dense_kernel)
     try:
@@ -477,9 +477,8 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
 
     prepared = prepare()
     try:
-        prepared, reports, bsr_reports = tune_prepared(prepared, prepare, tgt, database, trials, search_bsr=True,
-                                                       rpc=rpc, trials_per_task=trials_per_task,
-                                                       time_limit_s=time_limit)
+        prepared, reports, bsr_reports = tune_prepared(prepared, prepare, tgt, database, trials, rpc=rpc,
+                                                       trials_per_task=trials_per_task, time_limit_s=time_limit)
         if prepared.bsr_kernels and tgt.kind == "cuda":
             click.echo(f"BSR kernels: no parameter search for {tgt.name} (the CUDA kernel has none)")
     except BaseException as exc:

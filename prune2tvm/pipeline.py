@@ -304,7 +304,7 @@ def build_variant(vdir: Path, name: str, model, plan, data, cfg: PipelineConfig,
         prepared = prepare()
         with phase("tune", f"{name}: the dense kernels' new tasks, {tune_trials} trials at most, then the BSR "
                            f"kernels' parameters; records in {database.path}"):
-            prepared = tune_prepared(prepared, prepare, target, database, tune_trials, search_bsr=True)[0]
+            prepared = tune_prepared(prepared, prepare, target, database, tune_trials)[0]
     compiled = compile_onnx(onnx_model.path, target, shapes,
                             real_feeds={onnx_model.input_name: np.resize(check_x, (batch, *check_x.shape[1:]))},
                             seed=cfg.seed, sparsify=sparsify, fast_math=cfg.compile.fast_math, database=database,

@@ -12,7 +12,7 @@ layer is measured.
 schedule: against TVM's untuned default (50-100x slower on CPU) nearly every layer would
 choose BSR, also where the tuned dense layer is faster. ``prune2tvm tune --sparsity auto``
 therefore tunes each measured layer's dense probe too (``LayerTimer.probes``), and decides
-again with the tuned times. Under ``--dense-kernel packed`` (the default with ``--bsr``), a
+again with the tuned times. Under ``--dense-kernel packed`` (the default), a
 layer that stays dense runs prune2tvm's packed dense kernel on CPUs, and that is what BSR is
 measured against.
 """

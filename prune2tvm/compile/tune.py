@@ -293,17 +293,16 @@ def tune_module(mod: tvm.IRModule, target: TargetConfig, db: TuningDatabase, tri
 
 
 def tune_prepared(prepared, prepare_again, target: TargetConfig, db: TuningDatabase, trials: int,
-                  search_bsr: bool = False, rpc: RpcDevice | None = None, **options):
+                  rpc: RpcDevice | None = None, **options):
     """``tune_module`` for a ``prepare_module`` result: under ``--sparsity auto`` also the dense
     forms its measured layers were compared with, after which the model is prepared again
-    (``prepare_again()``) so the decisions use the tuned times. With ``search_bsr`` (CPUs),
-    then the parameter search of its BSR and packed dense kernels, and prepared again with
-    what it found. (prepared, task reports, BSR kernel reports)."""
+    (``prepare_again()``) so the decisions use the tuned times. Then, on CPUs, the parameter
+    search of its BSR and packed dense kernels, and prepared again with what it found. (prepared, task reports, BSR kernel reports)."""
     reports = tune_module(prepared.mod, target, db, trials, extra_modules=prepared.dense_probes, rpc=rpc, **options)
     if prepared.dense_probes:
         prepared = prepare_again()
     bsr_reports = []
-    if search_bsr and prepared.bsr_kernels and target.kind != "cuda":
+    if prepared.bsr_kernels and target.kind != "cuda":
         from prune2tvm.compile.bsr_tune import BsrRecords, tune_bsr_kernels
 
         bsr_reports = tune_bsr_kernels(prepared.bsr_kernels, target, BsrRecords.open(db.path), rpc)
