@@ -232,6 +232,8 @@ def test_kernel_calls_are_attributed_to_layers_in_graph_order():
     owner = attribute(calls, layers)
     assert owner == [0, 0, None, 1, None, 2]
     assert attribute([("matmul", [(1, 64), (64, 64)])], layers[2:]) == [None]  # an activation product: no layer
+    # a fused 1x1 conv + depthwise conv kernel computes two layers: the next call is the third's
+    assert attribute([("expand_depthwise", [(1, 300)]), ("bsr_matmul", [(1, 64)])], layers) == [0, 2]
 
 
 def test_fidelity_is_the_mean_cosine_similarity_of_the_logits():

@@ -381,12 +381,13 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner. ``pack``: on
     CPUs, layers that stay dense run the packed dense kernel."""
     from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
-    from prune2tvm.compile.kernels.bsr_conv2d import PhaseLayout, bsr_conv2d_cpu, conv_search_space
-    from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu, phased_depthwise
+    from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu, conv_search_space
+    from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu
     from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
                                                       search_space)
     from prune2tvm.compile.passes.decisions import in_graph_order
     from prune2tvm.compile.passes.fuse_epilogue import fuse_epilogues
+    from prune2tvm.compile.passes.fuse_expand_depthwise import fuse_expand_depthwise
     from prune2tvm.compile.passes.sparsify_conv2d import sparsify_conv2d
     from prune2tvm.compile.passes.sparsify_dense import sparsify_dense
 
@@ -426,15 +427,16 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
             return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
 
         def depthwise_kernel(shape, epilogue):
-            layout = PhaseLayout(shape.channels, shape.size, shape.pads, shape.kernel, shape.stride,
-                                 shape.dilation) if phased_depthwise(shape) else None
-            return depthwise_conv2d_cpu(shape, lanes, epilogue, layout)
+            return depthwise_conv2d_cpu(shape, lanes, epilogue)
 
         mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
                                               depthwise_kernel, pack)
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels,
                                           pack and target.kind != "cuda")
-    return fuse_epilogues(mod, kernels), in_graph_order(conv_decisions + dense_decisions)
+    mod = fuse_epilogues(mod, kernels)
+    if target.kind != "cuda":
+        mod = fuse_expand_depthwise(mod, kernels, lanes)
+    return mod, in_graph_order(conv_decisions + dense_decisions)
 
 
 def simd_lanes(target: TargetConfig) -> int:

@@ -5,7 +5,8 @@ The VM calls kernels in graph order, and the compile table lists the weight laye
 order, so calls are matched to layers in turn:
 
 - prune2tvm's own kernels (``bsr_matmul``, ``bsr_conv2d``, ``depthwise_conv2d``) each compute
-  one weight layer;
+  one weight layer; ``expand_depthwise`` computes two (a 1x1 conv and the depthwise conv
+  after it), and its time is the first's (the second keeps ``ms = None``, its kernel named);
 - a dense TVM kernel (``conv2d``, ``matmul`` or ``dense`` in its name, fused with its epilogue)
   is the layer whose weight it takes (an argument of the weight's shape, or its transpose);
 - the layout copies made for a layer's kernel (``pad_flat``, ``pad_phases``) count for the
@@ -21,7 +22,8 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-LAYER_KERNELS = ("bsr_matmul", "bsr_conv2d", "depthwise_conv2d")
+LAYER_KERNELS = ("bsr_matmul", "bsr_conv2d", "depthwise_conv2d", "expand_depthwise")
+TWO_LAYER_KERNELS = ("expand_depthwise",)
 INPUT_PREP = ("pad_flat", "pad_phases")
 DENSE_OPS = ("conv2d", "matmul", "dense")
 
@@ -84,7 +86,7 @@ def attribute(calls: list[tuple[str, list[tuple[int, ...]]]], layers: list[dict]
         for j in pending + [i]:
             owner[j] = found
         pending = []
-        nxt = found + 1
+        nxt = found + (2 if name.startswith(TWO_LAYER_KERNELS) else 1)
     return owner
 
 
@@ -131,6 +133,8 @@ def profile_layers(machine, args: list, layers: list[dict], repeat: int = 10, wa
         else:
             layer_ms[who] += ms
             layer_kernels[who].append(name)
+            if name.startswith(TWO_LAYER_KERNELS):
+                layer_kernels[who + 1].append(name)
     total = sum(per_call)
     rows = [LayerTime(layer["name"], layer["op"], layer["kind"], list(layer["weight_shape"]), layer.get("block_sparsity"),
                       layer.get("density"), layer_ms.get(j), layer_ms[j] / total if j in layer_ms and total else None,

@@ -118,6 +118,9 @@ def render_layer_times(v: Variant, dense: Variant | None) -> str:
     def ms_(x):
         return "-" if x is None else f"{x:.4f}"
 
+    def timed(row):  # a layer fused into the kernel of the layer before it has no time of its own
+        return "in the row above" if row["ms"] is None and row.get("kernels") else ms_(row["ms"])
+
     lines = ["| layer | op | weight | block sparsity % | kernel | TVM ms | share % | TVM dense build ms "
              "| ORT dense ms | vs ORT |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for i, row in enumerate(v.profile["layers"]):
@@ -125,7 +128,7 @@ def render_layer_times(v: Variant, dense: Variant | None) -> str:
         o = ort.get(dense_names[i]) if dense_names[i] else None
         ms = row["ms"]
         lines.append(f"| {row['name']} | {row['op']} | {'x'.join(map(str, row['weight_shape']))} "
-                     f"| {_pct(row['block_sparsity'], 1)} | {row['kind'].upper()} | {ms_(ms)} "
+                     f"| {_pct(row['block_sparsity'], 1)} | {row['kind'].upper()} | {timed(row)} "
                      f"| {_pct(row['share'], 1)} | {ms_(d)} | {ms_(o)} | {_ratio(o / ms) if o and ms else '-'} |")
     total = v.profile["total_ms"]
     other = v.profile["other_ms"]

@@ -41,7 +41,7 @@ class DepthwiseShape:
         return first, last
 
 
-def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE, layout=None):
+def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE):
     """Arguments: x, weight [C, KH*KW], bias [C], out [N, C, OH, OW].
 
     x is the unpadded input [N, C, H, W]: the padding is never materialised. A tap row outside
@@ -49,18 +49,14 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
     without checks (a last vector overlapping the one before it rather than leaving the
     interior), and the few border columns are computed one by one with their taps checked.
 
-    With ``layout`` (a ``bsr_conv2d.PhaseLayout``, see ``phased_depthwise``), x is the input
-    padded and split into stride phases [N, planes*PH*PW] (``pad_phases_cpu``): every tap is
-    a stride-1 read of one phase plane, all columns are vectors and nothing is checked
-    (measured alone: MobileNet V2's 112->56 and 56->28 layers 1.4-1.6x faster, the split
-    included, than gathering every other element)."""
+    A strided conv reads each tap's (V - 1) * SW + 1 contiguous input columns in one load and
+    keeps every SW-th lane (a shuffle in registers: ``vpermi2ps`` on AVX-512). Measured alone
+    on MobileNet V2's four stride-2 shapes, 1.2-3x faster than reading the input split into
+    stride phases (a padded copy, ``pad_phases``) or gathering every SW-th element."""
     N, C, (H, W), (OH, OW), (KH, KW) = s.batch, s.channels, s.size, s.out, s.kernel
     (SH, SW), (DH, DW), dtype = s.stride, s.dilation, s.dtype
     TOP, LEFT = s.pads[0], s.pads[1]
-    PHASED = layout is not None
-    (NPY, NPX), (PH, PW) = layout.phases if PHASED else (1, 1), layout.plane if PHASED else (1, 1)
-    X_SHAPE = (N, C * NPY * NPX * PH * PW) if PHASED else (N, C, H, W)
-    FIRST, LAST = (0, OW - 1) if PHASED else s.interior()
+    FIRST, LAST = s.interior()
     if LAST < FIRST:  # no interior column at all: every column is a (left) border column
         FIRST, LAST = OW, OW - 1
     IW = LAST - FIRST + 1  # interior output columns
@@ -68,12 +64,14 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
     U = (IW + V - 1) // V if IW else 0  # interior vectors per output row
     U1 = max(U, 1)
     NBORDER = OW - IW  # columns 0 .. FIRST-1, then LAST+1 .. OW-1
+    SPREAD = (V - 1) * SW + 1  # input columns under one vector of a tap
+    EVERY = [SW * i for i in range(V)]
     RT = min(ROWS_PER_TASK, OH)
     BANDS = (OH + RT - 1) // RT
     LO, HI = epilogue.low, epilogue.high
 
     @T.prim_func(private=True)
-    def depthwise_conv2d(x: T.Buffer(X_SHAPE, dtype), weight: T.Buffer((C, KH * KW), dtype),
+    def depthwise_conv2d(x: T.Buffer((N, C, H, W), dtype), weight: T.Buffer((C, KH * KW), dtype),
                          bias: T.Buffer((C,), dtype), out: T.Buffer((N, C, OH, OW), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for task in T.parallel(N * C * BANDS):
@@ -85,45 +83,43 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
                         for v in T.vectorized(V):
                             acc[u, v] = T.cast(0, dtype)
                     for kh in range(KH):
-                        if PHASED:
-                            for kw in T.unroll(KW):
-                                for u in T.unroll(U):
-                                    for v in T.vectorized(V):
-                                        acc[u, v] = acc[u, v] + weight[task // BANDS % C, kh * KW + kw] * x[
-                                            task // (BANDS * C),
-                                            (((task // BANDS % C) * NPY + kh * DH % SH) * NPX + kw * DW % SW) * PH * PW
-                                            + ((task % BANDS) * RT + row + kh * DH // SH) * PW
-                                            + T.min(u * V, OW - V) + v + kw * DW // SW]
-                        elif 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
+                        if 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
                                 and ((task % BANDS) * RT + row) * SH + kh * DH - TOP < H:
                             for kw in T.unroll(KW):
                                 for u in T.unroll(U):
-                                    for v in T.vectorized(V):
-                                        acc[u, v] = acc[u, v] + weight[task // BANDS % C, kh * KW + kw] * x[
-                                            task // (BANDS * C), task // BANDS % C,
-                                            ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
-                                            (FIRST + T.min(u * V, IW - V) + v) * SW + kw * DW - LEFT]
+                                    if SW > 1 and V > 1:
+                                        acc[u, T.Ramp(0, 1, V)] = acc[u, T.Ramp(0, 1, V)] + T.Broadcast(
+                                            weight[task // BANDS % C, kh * KW + kw], V) * T.Shuffle([x[
+                                                task // (BANDS * C), task // BANDS % C,
+                                                ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
+                                                T.Ramp((FIRST + T.min(u * V, IW - V)) * SW + kw * DW - LEFT, 1,
+                                                       SPREAD)]], EVERY)
+                                    else:
+                                        for v in T.vectorized(V):
+                                            acc[u, v] = acc[u, v] + weight[task // BANDS % C, kh * KW + kw] * x[
+                                                task // (BANDS * C), task // BANDS % C,
+                                                ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
+                                                (FIRST + T.min(u * V, IW - V) + v) * SW + kw * DW - LEFT]
                     for u in T.unroll(U):
                         for v in T.vectorized(V):
                             out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
                                 FIRST + T.min(u * V, IW - V) + v] = T.min(T.max(
                                     acc[u, v] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
-                    if not PHASED:  # phase planes hold the padding: no border columns
-                        for e in range(NBORDER):
-                            one[0] = T.cast(0, dtype)
-                            for kh in range(KH):
-                                for kw in range(KW):
-                                    if 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
-                                            and ((task % BANDS) * RT + row) * SH + kh * DH - TOP < H \
-                                            and 0 <= T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT \
-                                            and T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT < W:
-                                        one[0] = one[0] + weight[task // BANDS % C, kh * KW + kw] * x[
-                                            task // (BANDS * C), task // BANDS % C,
-                                            ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
-                                            T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT]
-                            out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
-                                T.Select(e < FIRST, e, e - FIRST + LAST + 1)] = T.min(T.max(
-                                    one[0] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
+                    for e in range(NBORDER):
+                        one[0] = T.cast(0, dtype)
+                        for kh in range(KH):
+                            for kw in range(KW):
+                                if 0 <= ((task % BANDS) * RT + row) * SH + kh * DH - TOP \
+                                        and ((task % BANDS) * RT + row) * SH + kh * DH - TOP < H \
+                                        and 0 <= T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT \
+                                        and T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT < W:
+                                    one[0] = one[0] + weight[task // BANDS % C, kh * KW + kw] * x[
+                                        task // (BANDS * C), task // BANDS % C,
+                                        ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
+                                        T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT]
+                        out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
+                            T.Select(e < FIRST, e, e - FIRST + LAST + 1)] = T.min(T.max(
+                                one[0] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
 
     return depthwise_conv2d
 
@@ -145,14 +141,3 @@ def depthwise_reference(x, weight, bias, stride, padding, dilation):
             window = xp[:, :, kh * dh: kh * dh + sh * (oh - 1) + 1: sh, kw * dw: kw * dw + sw * (ow - 1) + 1: sw]
             out += window * weight[None, :, 0, kh, kw, None, None]
     return (out + bias[None, :, None, None]).astype(np.float32)
-
-
-PHASED_MIN_WIDTH = 16  # output columns (a fixed number: the rewrite and the kernel factory must agree)
-
-
-def phased_depthwise(s: DepthwiseShape) -> bool:
-    """Whether a depthwise conv reads its input split into stride phases: strided, with output
-    rows of at least ``PHASED_MIN_WIDTH``. Below that the split (a scalar copy) cost more than it saved
-    (measured alone: 192 channels 28 -> 14 and 576 at 14 -> 7 were 1.7-1.9x slower with it,
-    96 at 112 -> 56 and 144 at 56 -> 28 1.4-1.6x faster)."""
-    return s.stride != (1, 1) and s.out[1] >= PHASED_MIN_WIDTH

@@ -135,14 +135,43 @@ def pack_dense(decision: LayerDecision, matrix: np.ndarray, rows: int) -> BsrMat
     return BsrMatrix.from_dense(np.ascontiguousarray(matrix), block, keep_zero_blocks=True)
 
 
-def rewrite_functions(mod: tvm.IRModule, builder: relax.BlockBuilder, pattern, rewrite) -> tvm.IRModule:
-    """Apply ``rewrite`` to every Relax function; kernels added to ``builder`` come along."""
-    rewritten = {gv: rewrite_call(pattern, rewrite, func) for gv, func in mod.functions.items()
-                 if isinstance(func, relax.Function)}
+def rewrite_functions(mod: tvm.IRModule, builder: relax.BlockBuilder, pattern, rewrite,
+                      bindings: bool = False) -> tvm.IRModule:
+    """Apply ``rewrite`` to every Relax function; kernels added to ``builder`` come along.
+    With ``bindings``, ``rewrite(call, matches, values, uses)`` also gets the function's
+    var -> bound value map and ``use_counts``."""
+    rewritten = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        fn = rewrite
+        if bindings:
+            values, uses = relax.analysis.get_var2val(func), use_counts(func)
+
+            def fn(call, matches, values=values, uses=uses):
+                return rewrite(call, matches, values, uses)
+        rewritten[gv] = rewrite_call(pattern, fn, func)
     new_mod = builder.get()
     for gv, func in rewritten.items():
         new_mod[gv] = func
     return new_mod
+
+
+def use_counts(func: relax.Function) -> dict:
+    """Var -> how many bindings (and the function's result) read it."""
+    counts: dict = {}
+    body = func.body
+    for block in body.blocks:
+        for binding in block.bindings:
+            for var in relax.analysis.free_vars(binding.value):
+                counts[var] = counts.get(var, 0) + 1
+    for var in relax.analysis.free_vars(body.body):
+        counts[var] = counts.get(var, 0) + 1
+    return counts
+
+
+def is_call_tir(expr: relax.Expr) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir"
 
 
 def static_shape(expr: relax.Expr) -> list[int] | None:

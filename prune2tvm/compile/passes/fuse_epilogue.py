@@ -26,10 +26,10 @@ from typing import Callable
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, is_tuple, wildcard
 
 from prune2tvm.compile.kernels.bsr_matmul import FLT_MAX, NO_EPILOGUE, Epilogue
-from prune2tvm.compile.passes.decisions import LayerDecision, const, rewrite_functions, static_shape
+from prune2tvm.compile.passes.decisions import LayerDecision, const, is_call_tir, rewrite_functions, static_shape
 
 
 @dataclass
@@ -41,6 +41,7 @@ class FusableKernel:
     decision: LayerDecision
     epilogue: Epilogue = NO_EPILOGUE
     takes_residual: bool = False  # its second-to-last argument can be a residual input (BSR convs)
+    shape: object = None  # the kernel's shape (BsrConv2dShape, DepthwiseShape) where a later pass needs it
     # Layers of one shape share one kernel (the block builder keeps one copy of identical
     # functions): each layer's decision, found by the weight constant its call passes.
     layers: list = dataclasses.field(default_factory=list)
@@ -125,55 +126,29 @@ def _fuse_residuals(mod: tvm.IRModule, kernels: KernelRegistry, builder: relax.B
     """``add(a, b)`` -> a's kernel with b added in its store, where a is a BSR conv's output
     that only this add reads (else b's, the same way round)."""
     pattern = is_op("relax.add")(wildcard(), wildcard())
-    functions = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, relax.Function):
-            continue
-        values, uses = relax.analysis.get_var2val(func), _use_counts(func)
 
-        def rewrite(call: relax.Call, matches: dict, values=values, uses=uses) -> relax.Expr:
-            out_shape = static_shape(call)
-            for mine, other in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
-                kcall = values.get(mine) if isinstance(mine, relax.Var) else None
-                if kcall is None or uses.get(mine) != 1 or mine.same_as(other) or not _is_call_tir(kcall):
-                    continue
-                info = kernels.get(getattr(kcall.args[0], "name_hint", None))
-                if info is None or not info.takes_residual or info.epilogue.residual or info.epilogue.activation \
-                        or isinstance(other, tvm.ir.GenericConst) or out_shape is None \
-                        or static_shape(kcall) != out_shape or static_shape(other) != out_shape \
-                        or other.ty.dtype != "float32":
-                    continue
-                epilogue = dataclasses.replace(info.epilogue, residual=True)
-                gvar = builder.add_func(info.make(epilogue), kcall.args[0].name_hint)
-                kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
-                args = list(kcall.args[1].fields)
-                args[-2] = relax.op.reshape(other, [int(np.prod(out_shape))])
-                info.decision_for(kcall).reason += "; residual add fused"
-                return relax.call_tir(gvar, args, kcall.ty)
-            return call
+    def rewrite(call: relax.Call, matches: dict, values: dict, uses: dict) -> relax.Expr:
+        out_shape = static_shape(call)
+        for mine, other in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+            kcall = values.get(mine) if isinstance(mine, relax.Var) else None
+            if kcall is None or uses.get(mine) != 1 or mine.same_as(other) or not is_call_tir(kcall):
+                continue
+            info = kernels.get(getattr(kcall.args[0], "name_hint", None))
+            if info is None or not info.takes_residual or info.epilogue.residual or info.epilogue.activation \
+                    or isinstance(other, tvm.ir.GenericConst) or out_shape is None \
+                    or static_shape(kcall) != out_shape or static_shape(other) != out_shape \
+                    or other.ty.dtype != "float32":
+                continue
+            epilogue = dataclasses.replace(info.epilogue, residual=True)
+            gvar = builder.add_func(info.make(epilogue), kcall.args[0].name_hint)
+            kernels[gvar.name_hint] = dataclasses.replace(info, epilogue=epilogue)
+            args = list(kcall.args[1].fields)
+            args[-2] = relax.op.reshape(other, [int(np.prod(out_shape))])
+            info.decision_for(kcall).reason += "; residual add fused"
+            return relax.call_tir(gvar, args, kcall.ty)
+        return call
 
-        functions[gv] = rewrite_call(pattern, rewrite, func)
-    new_mod = builder.get()
-    for gv, func in functions.items():
-        new_mod[gv] = func
-    return new_mod
-
-
-def _is_call_tir(expr: relax.Expr) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir"
-
-
-def _use_counts(func: relax.Function) -> dict:
-    """Var -> how many bindings (and the function's result) read it."""
-    counts: dict = {}
-    body = func.body
-    for block in body.blocks:
-        for binding in block.bindings:
-            for var in relax.analysis.free_vars(binding.value):
-                counts[var] = counts.get(var, 0) + 1
-    for var in relax.analysis.free_vars(body.body):
-        counts[var] = counts.get(var, 0) + 1
-    return counts
+    return rewrite_functions(mod, builder, pattern, rewrite, bindings=True)
 
 
 def _clamp_of(call: relax.Call, scalar: relax.Constant | None, mod: tvm.IRModule,

@@ -22,7 +22,7 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 from prune2tvm.compile.kernels.bsr_conv2d import (BsrConv2dShape, PhaseLayout, column_offsets, pad_flat_cpu,
                                                   pad_phases_cpu)
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
-from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, phased_depthwise
+from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry, register
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, pack_dense, rewrite_functions,
@@ -100,29 +100,24 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         gvar = builder.add_func(kernel(shape, NO_EPILOGUE, *arrays), "bsr_conv2d")
         weights = const(data)
         register(kernels, gvar, FusableKernel(lambda e, shape=shape, arrays=arrays: kernel(shape, e, *arrays),
-                                              1, decision, takes_residual=True), weights)
+                                              1, decision, takes_residual=True, shape=shape), weights)
         no_residual = const(np.zeros(1, np.float32))  # fuse_epilogues may put a residual input here
         return relax.call_tir(gvar, [flat, weights, const(offsets), const(indptr), no_residual,
                                      const(np.zeros(o, np.float32))], relax.TensorType(out_shape, "float32"))
 
     def _depthwise(call: relax.Call, data: relax.Expr, x_shape: list[int], w: np.ndarray,
                    decision: LayerDecision) -> relax.Expr:
-        """A depthwise conv as prune2tvm's (dense) depthwise kernel: it pads as it reads, and
-        a strided one reads its input split into stride phases."""
+        """A depthwise conv as prune2tvm's (dense) depthwise kernel: it pads as it reads."""
         attrs = call.attrs
         n, c, h, wd = x_shape
         out_shape = [int(d) for d in call.ty.shape]
         shape = DepthwiseShape(n, c, (h, wd), tuple(int(p) for p in attrs.padding), (out_shape[2], out_shape[3]),
                                (w.shape[2], w.shape[3]), tuple(int(v) for v in attrs.strides),
                                tuple(int(v) for v in attrs.dilation))
-        if phased_depthwise(shape):  # split into stride phases: every tap a stride-1 read
-            layout = PhaseLayout(c, (h, wd), shape.pads, shape.kernel, shape.stride, shape.dilation)
-            pad = builder.add_func(pad_phases_cpu(n, layout), "pad_phases")
-            data = relax.call_tir(pad, [data], relax.TensorType([n, layout.planes * layout.plane[0] * layout.plane[1]],
-                                                                "float32"))
         gvar = builder.add_func(depthwise(shape, NO_EPILOGUE), "depthwise_conv2d")
         weights = const(np.ascontiguousarray(w.reshape(c, -1)))
-        register(kernels, gvar, FusableKernel(lambda e, shape=shape: depthwise(shape, e), 1, decision), weights)
+        register(kernels, gvar, FusableKernel(lambda e, shape=shape: depthwise(shape, e), 1, decision, shape=shape),
+                 weights)
         decision.reason = f"depthwise conv (groups={c}): dense, prune2tvm's depthwise kernel"
         return relax.call_tir(gvar, [data, weights, const(np.zeros(c, np.float32))],
                               relax.TensorType(out_shape, "float32"))
