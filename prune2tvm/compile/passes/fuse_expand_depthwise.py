@@ -24,9 +24,6 @@ from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry
 
 FUSE_MIN_WIDTH = 14  # columns of the expanded image
 
-FUSED_EXPAND = "fused with the depthwise conv after it"
-FUSED_DEPTHWISE = "fused with the 1x1 conv before it"
-
 
 def fusable(conv: FusableKernel, depthwise: FusableKernel) -> bool:
     c, d = conv.shape, depthwise.shape
@@ -58,8 +55,8 @@ def fuse_expand_depthwise(mod: tvm.IRModule, kernels: KernelRegistry, lanes: int
         shape = ExpandDepthwiseShape(depthwise.shape, c.in_channels, c.block, c.nnzb)
         gvar = builder.add_func(expand_depthwise_cpu(shape, lanes, conv.epilogue, depthwise.epilogue),
                                 "expand_depthwise")
-        conv.decision_for(ccall).reason += f"; {FUSED_EXPAND}"
-        depthwise.decision_for(call).reason += f"; {FUSED_DEPTHWISE}"
+        conv.decision_for(ccall).reason += "; fused with the depthwise conv after it"
+        depthwise.decision_for(call).reason += "; fused with the 1x1 conv before it"
         return relax.call_tir(gvar, list(ccall.args[1].fields) + list(call.args[1].fields[1:]), call.ty)
 
     return relax.transform.DeadCodeElimination()(rewrite_functions(mod, builder, pattern, rewrite, bindings=True))
