@@ -20,6 +20,17 @@ TINY_PIPELINE = textwrap.dedent("""\
 """)
 
 
+def run_kernel(func, *arrays, out_shape):
+    """Build one PrimFunc for the host and run it on numpy arrays; its output as numpy."""
+    import numpy as np
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), "llvm").jit()
+    out = tvm.runtime.empty(out_shape, "float32")
+    lib["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays), out)
+    return out.numpy()
+
+
 @pytest.fixture
 def tiny_pipeline(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"

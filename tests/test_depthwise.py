@@ -8,6 +8,8 @@ import torch
 import tvm
 from torch import nn
 
+from conftest import run_kernel
+
 from prune2tvm.compile import compile_onnx
 from prune2tvm.compile.build import SparsifyOptions
 from prune2tvm.compile.kernels.bsr_matmul import Epilogue
@@ -15,13 +17,6 @@ from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, depthwise
 from prune2tvm.config import load_target
 from prune2tvm.export import export_onnx
 from prune2tvm.onnxrt import session
-
-
-def run_kernel(func, *arrays, out_shape):
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), "llvm").jit()
-    out = tvm.runtime.empty(out_shape, "float32")
-    lib["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays), out)
-    return out.numpy()
 
 
 @pytest.mark.parametrize("n, c, h, w, k, stride, pads, dilation", [

@@ -13,6 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from tvm import relax
 
+from conftest import run_kernel
+
 from prune2tvm.compile import compile_onnx
 from prune2tvm.compile.build import SparsifyOptions, sparsify_module
 from prune2tvm.compile.frontend import import_onnx
@@ -131,6 +133,13 @@ def test_rows_wider_than_a_vector_and_not_a_multiple_of_it(convnet_onnx):
     mod = import_onnx(convnet_onnx, {"input": [1, 3, 15, 37]})
     new, _ = sparsify_module(mod, convnet_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.5))
     assert called(new).count("pad_flat") + called(new).count("pad_phases") == 3  # only the padded or strided convs
+    # the two padded stride-1 convs (37 and 19 wide) run over wrapped rows: padded in height
+    # only, with guards of one (stem) and two (dilated) elements on each side
+    flat = []
+    relax.analysis.post_order_visit(new["main"].body, lambda e: flat.append([int(d) for d in e.ty.shape]) if (
+        isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir"
+        and e.args[0].name_hint.startswith("pad_flat")) else None)
+    assert flat == [[1, 1 + 3 * 17 * 37 + 1], [1, 2 + 32 * 12 * 19 + 2]]
 
 
 def test_conv_kernels_are_tunable_and_right_with_every_tiling(convnet_onnx, tmp_path):
@@ -338,3 +347,72 @@ def test_a_shortcut_computed_by_a_bsr_conv_is_not_computed_twice(tmp_path):
     compiled = compile_onnx(path, load_target("x86"), {"input": [1, 8, 14, 14]}, sparsify=SparsifyOptions((4, 1), 0.3))
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, c, o, h, w, k, pads, dilation, r, sparsity, lanes", [
+    (1, 8, 16, 9, 37, (3, 3), (1, 1, 1, 1), 1, 4, 0.5, 16),   # 37 wide: vectors cross rows
+    (2, 5, 16, 6, 20, (3, 3), (1, 1, 1, 1), 1, 8, 0.0, 16),   # batch 2, dense 8x1 panels
+    (1, 4, 8, 11, 23, (3, 3), (2, 2, 2, 2), 2, 4, 0.6, 16),   # dilation 2: taps two columns off the edge
+    (1, 3, 8, 6, 19, (5, 5), (2, 1, 2, 3), 1, 4, 0.3, 16),    # 5x5, one column left and three right
+    (1, 70, 32, 5, 17, (3, 3), (1, 1, 1, 1), 1, 8, 0.0, 16),  # 70 channels in two passes (of 42 and 28)
+    (1, 6, 8, 7, 7, (3, 3), (1, 1, 1, 1), 1, 4, 0.5, 4),      # 4 lanes (NEON): 7 wide
+    (1, 4, 8, 5, 18, (1, 3), (0, 1, 0, 1), 1, 4, 1.0, 16),    # 1x3, no block stored at all
+    (1, 4, 8, 2, 17, (3, 3), (1, 1, 1, 1), 1, 4, 0.0, 16),    # two rows: the last vector overlaps
+])
+def test_wrapped_rows_kernel_matches_numpy(n, c, o, h, w, k, pads, dilation, r, sparsity, lanes):
+    """Rows wider than a vector and not a whole number of them, laid end to end: taps that
+    fall off a row's edge are masked, whatever the window, dilation, padding on each side,
+    channel passes and lanes; with an empty block row, no block at all, the residual and a
+    clamp fused. The padding kernel makes the input, guards included."""
+    from prune2tvm.compile.kernels.bsr_conv2d import (BsrConv2dShape, bsr_conv2d_cpu, pad_flat_cpu, wrap_columns,
+                                                      wrap_passes, wrapped)
+    from prune2tvm.compile.kernels.bsr_matmul import Epilogue
+    from prune2tvm.sparse import BsrMatrix
+
+    rng = np.random.default_rng(h * w + o)
+    top, left, bottom, right = pads
+    keep = rng.random((o // r, c * k[0] * k[1])) >= sparsity
+    keep[-1] = False  # an empty block row (of two or more)
+    assert o // r > 1 or sparsity == 1.0
+    weight = rng.standard_normal((o, c * k[0] * k[1])).astype(np.float32) * np.repeat(keep, r, 0)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(torch.from_numpy(x).double(), (left, right, top, bottom)),
+        torch.from_numpy(weight.reshape(o, c, *k)).double(), torch.from_numpy(bias).double(),
+        dilation=dilation).numpy()
+    residual = rng.standard_normal(expected.shape).astype(np.float32)
+    bsr = BsrMatrix.from_dense(weight, (r, 1))
+    shape = wrapped(BsrConv2dShape(n, c, (h + top + bottom, w + left + right), o, expected.shape[2:], k, (1, 1),
+                                   (dilation, dilation), (r, 1), bsr.nnzb), left, right, lanes)
+    assert shape is not None and shape.padded == (h + top + bottom, w) and shape.wrap == (left, right)
+    assert wrap_passes(shape) == ((42, 2) if c == 70 else (c, 1))
+    data, offsets, runs = wrap_columns(shape, *bsr.kernel_arrays())
+    flat = run_kernel(pad_flat_cpu(n, c, h, w, (top, 0, bottom, 0), guard=(left, right)), x,
+                out_shape=(n, shape.image_size))
+    for epilogue, res, reference in ((Epilogue(), np.zeros(1, np.float32), expected),
+                                     (Epilogue(-1.0, 2.0, residual=True), residual, np.clip(expected + residual, -1, 2))):
+        got = run_kernel(bsr_conv2d_cpu(shape, lanes, epilogue), flat, data, offsets, runs, res.reshape(-1), bias,
+                   out_shape=expected.shape)
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_which_convs_run_over_wrapped_rows():
+    """Only where row by row would compute part of a vector twice and the kernel can mask the
+    edges: stride 1, one-column blocks, output as wide as the input."""
+    from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, wrapped
+
+    def shape(w, k=3, pad=1, stride=1, block=(4, 1), h=20):
+        out = [(n + 2 * pad - k) // stride + 1 for n in (h, w)]
+        return BsrConv2dShape(1, 8, (h + 2 * pad, w + 2 * pad), 8, tuple(out), (k, k), (stride, stride), (1, 1),
+                              block, 10)
+
+    assert wrapped(shape(56), 1, 1) is not None and wrapped(shape(28), 1, 1) is not None
+    assert wrapped(shape(56), 1, 1, lanes=8) is None  # 7 whole vectors of 8
+    assert wrapped(shape(64), 1, 1) is None  # whole vectors
+    assert wrapped(shape(14), 1, 1) is None  # virtual rows
+    assert wrapped(shape(56, stride=2), 1, 1) is None  # stride phases
+    assert wrapped(shape(56, block=(4, 4)), 1, 1) is None  # a block spans kernel columns
+    assert wrapped(shape(56, pad=0), 0, 0) is None  # narrower output than input
+    assert wrapped(shape(56, k=1, pad=0), 0, 0) is None  # a 1x1 conv: already one row of pixels
+    assert wrapped(shape(56, block=(2, 1)), 1, 1) is None  # 8 vectors per task: more masks than registers

@@ -422,7 +422,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
                 key, f"conv2d {shape.in_channels}->{shape.out_channels} {shape.kernel[0]}x{shape.kernel[1]} "
                 f"{shape.out[0]}x{shape.out[1]} {shape.block[0]}x{shape.block[1]} ({shape.nnzb} blocks)",
                 lambda p: bsr_conv2d_cpu(shape, lanes, NO_EPILOGUE, **p), conv_search_space(shape, lanes),
-                [data, offsets, indptr], [shape.batch, shape.in_channels * shape.padded[0] * shape.padded[1]],
+                [data, offsets, indptr], [shape.batch, shape.image_size],
                 [shape.batch, shape.out_channels, *shape.out], shape.out_channels, residual_slot=True))
             return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
 
@@ -430,7 +430,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
             return depthwise_conv2d_cpu(shape, lanes, epilogue)
 
         mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
-                                              depthwise_kernel, pack)
+                                              depthwise_kernel, pack, lanes)
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels,
                                           pack and target.kind != "cuda")
     mod = fuse_epilogues(mod, kernels)

@@ -29,6 +29,7 @@ def fusable(conv: FusableKernel, depthwise: FusableKernel) -> bool:
     c, d = conv.shape, depthwise.shape
     return (isinstance(c, BsrConv2dShape) and isinstance(d, DepthwiseShape)
             and c.kernel == (1, 1) and c.stride == (1, 1) and c.dilation == (1, 1) and c.padded == c.out
+            and c.wrap is None
             and not conv.epilogue.residual
             and (d.batch, d.channels, d.size) == (c.batch, c.out_channels, c.out)
             and d.size[1] >= FUSE_MIN_WIDTH)

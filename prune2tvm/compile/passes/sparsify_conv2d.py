@@ -20,7 +20,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from prune2tvm.compile.kernels.bsr_conv2d import (BsrConv2dShape, PhaseLayout, column_offsets, pad_flat_cpu,
-                                                  pad_phases_cpu)
+                                                  pad_phases_cpu, wrap_columns, wrapped)
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry, register
@@ -37,9 +37,10 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
                     names: LayerNamer | None = None, select: Selector | None = None,
                     kernels: KernelRegistry | None = None,
                     depthwise: DepthwiseKernelFactory | None = None,
-                    pack: bool = False) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                    pack: bool = False, lanes: int = 16) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per conv2d, in graph order. Each kernel
-    emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
+    emitted is entered in ``kernels`` (for ``fuse_epilogues``). ``lanes``: the target's
+    float32 vector width, which decides where convs run over wrapped rows."""
     x, weight, other = wildcard(), is_const(), wildcard()
     pattern = is_op("relax.nn.conv2d")(x, weight) | is_op("relax.nn.conv2d")(x, other)
     log = DecisionLog(names)
@@ -89,13 +90,18 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         else:
             shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
                                    (kh, kw), (1, 1), tuple(dilation), panel, bsr.nnzb)
-            flat_shape = [n, c * shape.padded[0] * shape.padded[1]]
+            wrap = wrapped(shape, left, right, lanes)
+            if wrap is not None:  # rows laid end to end, padded in height only
+                shape, pads = wrap, (top, 0, bottom, 0)
+                data, offsets, indptr = wrap_columns(shape, data, bsr.indices, indptr)
+            else:
+                offsets = column_offsets(shape, bsr.indices)
+            flat_shape = [n, shape.image_size]
             if top or bottom or left or right:  # padded and flattened in one parallel pass
-                pad = builder.add_func(pad_flat_cpu(n, c, h, wd, pads), "pad_flat")
+                pad = builder.add_func(pad_flat_cpu(n, c, h, wd, pads, guard=shape.wrap or (0, 0)), "pad_flat")
                 flat = relax.call_tir(pad, [matches[x]], relax.TensorType(flat_shape, "float32"))
             else:  # a view
                 flat = relax.op.reshape(matches[x], flat_shape)
-            offsets = column_offsets(shape, bsr.indices)
         arrays = (data, indptr, offsets)
         gvar = builder.add_func(kernel(shape, NO_EPILOGUE, *arrays), "bsr_conv2d")
         weights = const(data)
