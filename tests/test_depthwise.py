@@ -5,7 +5,6 @@ one side), and in a model with its bias add and ReLU6 fused."""
 import numpy as np
 import pytest
 import torch
-import tvm
 from torch import nn
 
 from conftest import run_kernel
