@@ -390,8 +390,9 @@ def test_wrapped_rows_kernel_matches_numpy(n, c, o, h, w, k, pads, dilation, r, 
     data, offsets, runs = wrap_columns(shape, *bsr.kernel_arrays())
     flat = run_kernel(pad_flat_cpu(n, c, h, w, (top, 0, bottom, 0), guard=(left, right)), x,
                 out_shape=(n, shape.image_size))
+    clamped = np.clip(expected + residual, -1, 2)
     for epilogue, res, reference in ((Epilogue(), np.zeros(1, np.float32), expected),
-                                     (Epilogue(-1.0, 2.0, residual=True), residual, np.clip(expected + residual, -1, 2))):
+                                     (Epilogue(-1.0, 2.0, residual=True), residual, clamped)):
         got = run_kernel(bsr_conv2d_cpu(shape, lanes, epilogue), flat, data, offsets, runs, res.reshape(-1), bias,
                    out_shape=expected.shape)
         np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)

@@ -173,8 +173,9 @@ def column_offsets(s: BsrConv2dShape, indices):
 
 def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_EPILOGUE,
                    vectors_per_task: int | None = None):
-    """Kernel arguments: the padded input flattened per image [N, CI*HP*WP], data [nnzb, R, CB],
-    ``column_offsets`` [nnzb*CB], indptr [O/R + 1], residual, bias [O], out. ``residual`` is
+    """Kernel arguments: the padded input flattened per image [N, ``s.image_size``], data
+    [nnzb, R, CB], ``column_offsets`` [nnzb*CB], indptr [O/R + 1], residual, bias [O], out;
+    over wrapped rows, data, offsets and indptr as ``wrap_columns`` gives them. ``residual`` is
     the output's shape flattened [N*O*OH*OW] when ``epilogue.residual`` (added before the
     clamp), else one unused element.
 
@@ -228,8 +229,11 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
                             for u in T.unroll(U):
                                 for r in T.unroll(R):
                                     for v in T.vectorized(V):
-                                        acc[u, r, v] = T.Select(on_row(task, u, v, kw), acc[u, r, v] + data[b, r, 0] * x[
-                                            task // (UT * NB), offsets[b] + column(task, u, v)], acc[u, r, v])
+                                        acc[u, r, v] = T.Select(
+                                            on_row(task, u, v, kw),
+                                            acc[u, r, v] + data[b, r, 0] * x[task // (UT * NB),
+                                                                             offsets[b] + column(task, u, v)],
+                                            acc[u, r, v])
             else:
                 for b in range(indptr[task % NB], indptr[task % NB + 1]):
                     for cc in T.unroll(CB):

@@ -3,11 +3,13 @@
 The weight is viewed as a matrix [O, C*KH*KW] and cut into R x C blocks (R output channels,
 the N of 1xN). The input is zero-padded by the conv's padding (if any) and flattened per
 image; the kernel gets, instead of block column indices, each stored column's offset into
-that padded image. Grouped and depthwise convs stay dense; given a ``depthwise`` factory,
-depthwise convs (one filter per channel) become prune2tvm's dense depthwise kernel; with
-``pack``, a conv that stays dense but could be BSR runs the BSR kernel with every block
-stored (``pack_dense``). The bias
-add and ReLU that follow are folded into the kernels afterwards (``fuse_epilogue``).
+that padded image. Strided convs read stride phases (``PhaseLayout``); stride-1 convs whose
+rows are not a whole number of vectors, wrapped rows (``kernels.bsr_conv2d.wrapped``).
+
+Grouped and depthwise convs stay dense; given a ``depthwise`` factory, depthwise convs (one
+filter per channel) become prune2tvm's dense depthwise kernel; with ``pack``, a conv that
+stays dense but could be BSR runs the BSR kernel with every block stored (``pack_dense``).
+The bias add and ReLU that follow are folded into the kernels afterwards (``fuse_epilogue``).
 """
 
 from __future__ import annotations
