@@ -51,6 +51,7 @@ def test_depthwise_kernel_matches_numpy(n, c, h, w, k, stride, pads, dilation):
     (2, 6, 8, 17, 30, 2, 1, (8, 1)),    # stride 2, batch 2, 8x1 blocks (the packed kernel's panels)
     (1, 8, 12, 14, 14, 1, 2, (4, 4)),   # dilation 2, blocks of 4 input channels
     (1, 4, 4, 40, 112, 2, 1, (4, 1)),   # MobileNet's 112 -> 56: seven vectors in two passes
+    (1, 8, 8, 14, 14, 2, 1, (4, 1)),    # 14 -> 7: depthwise rows as 8-lane vectors, 7 stored
 ])
 def test_expand_depthwise_kernel_matches_numpy(n, ci, c, h, w, stride, dilation, block):
     """The fused 1x1 conv + depthwise conv against the two layers in numpy, each with its

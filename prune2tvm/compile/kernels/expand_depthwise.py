@@ -63,10 +63,16 @@ def expand_depthwise_cpu(s: ExpandDepthwiseShape, lanes: int = 16, expand: Epilo
     U1 = (W + V1 - 1) // V1
     PASSES = (U1 + max(1, 24 // R) - 1) // max(1, 24 // R)  # up to 24 accumulators at a time
     CH = (U1 + PASSES - 1) // PASSES
-    V2 = min(lanes, OW)
+    # depthwise rows: U2 vectors of V2 columns. A row narrower than a vector (14, 7) takes the
+    # next power of two: LLVM splits a 14-lane load into 8 + 4 + 2 lanes and two inserts, two
+    # shuffles per multiply-add. Lanes past the row read the buffer's next row or its SLACK
+    # and are never stored; the store is of OW lanes.
+    V2 = min(lanes, 1 << (OW - 1).bit_length())
     U2 = (OW + V2 - 1) // V2
-    SPREAD = (V2 - 1) * SW + 1
+    SPREAD = 1 << ((V2 - 1) * SW).bit_length()  # buffer columns under one vector of a tap
     EVERY = [SW * i for i in range(V2)]
+    SLACK = SPREAD + (KW - 1) * DW
+    NARROW = OW < V2
     LO1, HI1, LO2, HI2 = expand.low, expand.high, epilogue.low, epilogue.high
 
     @T.prim_func(private=True)
@@ -77,7 +83,8 @@ def expand_depthwise_cpu(s: ExpandDepthwiseShape, lanes: int = 16, expand: Epilo
                          bias: T.Buffer((C,), dtype), out: T.Buffer((N, C, OH, OW), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for task in T.parallel(N * BANDS * NB):
-            ex = T.alloc_buffer((R, E, WP), dtype)
+            exs = T.alloc_buffer((R * E * WP + SLACK,), dtype)
+            ex = T.decl_buffer((R, E, WP), dtype, data=exs.data)
             acc = T.alloc_buffer((R, CH, V1), dtype)
             acc2 = T.alloc_buffer((U2, V2), dtype)
             # 1. the expanded rows of R channels that this band reads, padded with zeros
@@ -124,17 +131,18 @@ def expand_depthwise_cpu(s: ExpandDepthwiseShape, lanes: int = 16, expand: Epilo
                                 for u in T.unroll(U2):
                                     if SW > 1 and V2 > 1:
                                         acc2[u, T.Ramp(0, 1, V2)] = acc2[u, T.Ramp(0, 1, V2)] + T.Broadcast(
-                                            weight[(task % NB) * R + r, kh * KW + kw], V2) * T.Shuffle([ex[
-                                                r, row * SH + kh * DH,
-                                                T.Ramp(T.min(u * V2, OW - V2) * SW + kw * DW, 1, SPREAD)]], EVERY)
+                                            weight[(task % NB) * R + r, kh * KW + kw], V2) * T.Shuffle([exs[T.Ramp(
+                                                (r * E + row * SH + kh * DH) * WP
+                                                + T.max(T.min(u * V2, OW - V2), 0) * SW + kw * DW, 1, SPREAD)]], EVERY)
                                     else:
                                         for v in T.vectorized(V2):
-                                            acc2[u, v] = acc2[u, v] + weight[(task % NB) * R + r, kh * KW + kw] * ex[
-                                                r, row * SH + kh * DH, (T.min(u * V2, OW - V2) + v) * SW + kw * DW]
+                                            acc2[u, v] = acc2[u, v] + weight[(task % NB) * R + r, kh * KW + kw] * exs[
+                                                (r * E + row * SH + kh * DH) * WP
+                                                + (T.max(T.min(u * V2, OW - V2), 0) + v) * SW + kw * DW]
                         for u in T.unroll(U2):
-                            for v in T.vectorized(V2):
+                            for v in T.vectorized(OW if NARROW else V2):
                                 out[task // (NB * BANDS), (task % NB) * R + r, (task // NB % BANDS) * RT + row,
-                                    T.min(u * V2, OW - V2) + v] = T.min(T.max(
+                                    T.max(T.min(u * V2, OW - V2), 0) + v] = T.min(T.max(
                                         acc2[u, v] + bias[(task % NB) * R + r], T.cast(LO2, dtype)),
                                         T.cast(HI2, dtype))
 
