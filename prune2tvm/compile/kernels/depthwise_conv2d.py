@@ -62,12 +62,13 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
         FIRST, LAST = OW, OW - 1
     V = max(1, min(lanes, LAST - FIRST + 1))
     SPREAD = (V - 1) * SW + 1  # input columns under one vector of a tap
-    if SW > 1 and V > 1 and s.interior(beyond=(1 << (SPREAD - 1).bit_length()) - SPREAD)[1] - FIRST + 1 >= V:
-        # a whole power of two: LLVM splits a load of 31 lanes into 16 + 8 + 4 + 2 + 1 and
-        # inserts (measured in the fused expand + depthwise kernel at 112 -> 56: 1.8x faster
-        # with 32); the interior ends where that load still lies inside the row
-        LAST = s.interior(beyond=(1 << (SPREAD - 1).bit_length()) - SPREAD)[1]
-        SPREAD = 1 << (SPREAD - 1).bit_length()
+    # A strided tap reads a whole power of two where the interior can end so that the load
+    # stays inside the row: LLVM splits a 31-lane load into 16 + 8 + 4 + 2 + 1 lanes and
+    # inserts (alone at 96 channels 112 -> 56: 0.23 ms with 31, 0.14 ms with 32).
+    WHOLE = 1 << (SPREAD - 1).bit_length()
+    last = s.interior(beyond=WHOLE - SPREAD)[1]
+    if SW > 1 and V > 1 and last - FIRST + 1 >= V:
+        LAST, SPREAD = last, WHOLE
     IW = LAST - FIRST + 1  # interior output columns
     U = (IW + V - 1) // V if IW else 0  # interior vectors per output row
     U1 = max(U, 1)
