@@ -405,13 +405,15 @@ def _run_stages(cfg: PipelineConfig, target: TargetConfig, stage: Path, source: 
 
 def _build_note(bsr, sparsify) -> str:
     untuned = "TVM's default (untuned) schedules; autotuning is not applied in this run"
+    packed = sparsify is not None and sparsify.dense_kernel == "packed"
     dense = (f"prune2tvm's packed dense kernel (TVM's ops, with {untuned}, where no panel fits and for "
-             "everything else)" if sparsify is not None and sparsify.dense_kernel == "packed" else f"TVM's ops with {untuned}")
+             "everything else)" if packed else f"TVM's ops with {untuned}")
     if bsr is None:
         return f"TVM builds run their linear and conv layers with {dense}."
     rule = ("is faster as BSR when measured on the target" if bsr.threshold == "auto"
             else f"has at least {bsr.threshold:g} of its {bsr.block[0]}x{bsr.block[1]} blocks all zero")
-    return f"TVM builds run each linear and conv layer that {rule} as prune2tvm's BSR kernels; other layers with {dense}."
+    return (f"TVM builds run each linear and conv layer that {rule} as prune2tvm's BSR kernels; "
+            f"other layers with {dense}.")
 
 
 def _sensitivity_variants(cfg: PipelineConfig, dense, data) -> list:

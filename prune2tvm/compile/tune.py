@@ -297,7 +297,8 @@ def tune_prepared(prepared, prepare_again, target: TargetConfig, db: TuningDatab
     """``tune_module`` for a ``prepare_module`` result: under ``--sparsity auto`` also the dense
     forms its measured layers were compared with, after which the model is prepared again
     (``prepare_again()``) so the decisions use the tuned times. Then, on CPUs, the parameter
-    search of its BSR and packed dense kernels, and prepared again with what it found. (prepared, task reports, BSR kernel reports)."""
+    search of its BSR and packed dense kernels, and prepared again with what it found.
+    Returns (prepared, task reports, BSR kernel reports)."""
     reports = tune_module(prepared.mod, target, db, trials, extra_modules=prepared.dense_probes, rpc=rpc, **options)
     if prepared.dense_probes:
         prepared = prepare_again()

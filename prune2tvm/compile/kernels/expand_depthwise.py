@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
-from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape
+from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, whole_load
 
 # output rows per task: a stride-1 band reads ROWS + 2 expanded rows (for 3x3), so longer
 # bands recompute less; a stride-2 band reads 2 * ROWS + 1 and keeps its buffer in L1
@@ -64,12 +64,12 @@ def expand_depthwise_cpu(s: ExpandDepthwiseShape, lanes: int = 16, expand: Epilo
     PASSES = (U1 + max(1, 24 // R) - 1) // max(1, 24 // R)  # up to 24 accumulators at a time
     CH = (U1 + PASSES - 1) // PASSES
     # depthwise rows: U2 vectors of V2 columns. A row narrower than a vector (14, 7) takes the
-    # next power of two: LLVM splits a 14-lane load into 8 + 4 + 2 lanes and two inserts, two
-    # shuffles per multiply-add. Lanes past the row read the buffer's next row or its SLACK
+    # next power of two (``whole_load``: LLVM splits a 14-lane load into 8 + 4 + 2 lanes and
+    # two inserts, two shuffles per multiply-add). Lanes past the row read the buffer's next row or its SLACK
     # and are never stored; the store is of OW lanes.
-    V2 = min(lanes, 1 << (OW - 1).bit_length())
+    V2 = min(lanes, whole_load(OW))
     U2 = (OW + V2 - 1) // V2
-    SPREAD = 1 << ((V2 - 1) * SW).bit_length()  # buffer columns under one vector of a tap
+    SPREAD = whole_load((V2 - 1) * SW + 1)  # buffer columns under one vector of a tap
     EVERY = [SW * i for i in range(V2)]
     SLACK = SPREAD + (KW - 1) * DW
     NARROW = OW < V2

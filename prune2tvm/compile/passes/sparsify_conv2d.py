@@ -99,7 +99,7 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
             else:
                 offsets = column_offsets(shape, bsr.indices)
             flat_shape = [n, shape.image_size]
-            if top or bottom or left or right:  # padded and flattened in one parallel pass
+            if any(pads) or shape.wrap not in (None, (0, 0)):  # padded (and guarded) in one parallel pass
                 pad = builder.add_func(pad_flat_cpu(n, c, h, wd, pads, guard=shape.wrap or (0, 0)), "pad_flat")
                 flat = relax.call_tir(pad, [matches[x]], relax.TensorType(flat_shape, "float32"))
             else:  # a view
