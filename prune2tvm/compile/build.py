@@ -400,6 +400,9 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     else:
         lanes = simd_lanes(target)
 
+        def tunable(func, key: str):
+            return func.with_attr(TUNING_KEY, key)
+
         def tuned_params(key: str, spec) -> dict:
             """The recorded parameters for kernel ``key`` ({} = defaults); enters ``spec()`` in ``specs``."""
             if specs is not None and key not in specs:
@@ -414,7 +417,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
                 f"({bsr.nnzb} blocks)", lambda p: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **p),
                 search_space(shape, lanes), list(bsr.kernel_arrays()), [rows, shape.inputs], [rows, shape.outputs],
                 shape.outputs))
-            return bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, **params)
+            return tunable(bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, **params), key)
 
         def conv_kernel(shape, epilogue, data, indptr, offsets):
             key = kernel_key("conv2d", shape, lanes, [indptr, offsets])
@@ -424,7 +427,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
                 lambda p: bsr_conv2d_cpu(shape, lanes, NO_EPILOGUE, **p), conv_search_space(shape, lanes),
                 [data, offsets, indptr], [shape.batch, shape.image_size],
                 [shape.batch, shape.out_channels, *shape.out], shape.out_channels, residual_slot=True))
-            return bsr_conv2d_cpu(shape, lanes, epilogue, **params)
+            return tunable(bsr_conv2d_cpu(shape, lanes, epilogue, **params), key)
 
         def depthwise_kernel(shape, epilogue):
             return depthwise_conv2d_cpu(shape, lanes, epilogue)
@@ -436,7 +439,15 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     mod = fuse_epilogues(mod, kernels)
     if target.kind != "cuda":
         mod = fuse_expand_depthwise(mod, kernels, lanes)
+    if specs:  # a kernel fused into another (a 1x1 conv into its depthwise conv) no longer runs: not worth tuning
+        running = {str(f.attrs[TUNING_KEY]) for f in mod.functions.values()
+                   if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and TUNING_KEY in f.attrs}
+        for key in [key for key in specs if key not in running]:
+            del specs[key]
     return mod, in_graph_order(conv_decisions + dense_decisions)
+
+
+TUNING_KEY = "prune2tvm.tuning_key"  # PrimFunc attribute: the BSR tuner's key of the kernel
 
 
 def simd_lanes(target: TargetConfig) -> int:
