@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from prune2tvm.compile.build import cuda_sources
 from prune2tvm.compile.kernels.bsr_matmul import (FLT_MAX, GEMV_MAX_ROWS, NO_EPILOGUE, BsrMatmulShape, Epilogue,
-                                                  bsr_matmul_cpu, bsr_matmul_cuda, staged_groups)
+                                                  STAGE_ROW_COLUMNS, bsr_matmul_cpu, bsr_matmul_cuda, default_stage,
+                                                  search_space, staged_groups)
 from prune2tvm.sparse import BsrMatrix, block_sparsity, bsr_matmul_reference
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("target.llvm_get_system_cpu")()})
@@ -25,9 +26,10 @@ def block_sparse_weight(rng, n, k, block, sparsity, empty_rows=()):
     return (rng.standard_normal((n, k)) * np.repeat(np.repeat(keep, r, 0), c, 1)).astype(np.float32)
 
 
-def run_cpu(x, bsr, lanes=16, bias=None, epilogue=NO_EPILOGUE):
+def run_cpu(x, bsr, lanes=16, bias=None, epilogue=NO_EPILOGUE, **params):
     m, k = x.shape
-    func = bsr_matmul_cpu(BsrMatmulShape(m, k, bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes, epilogue=epilogue)
+    func = bsr_matmul_cpu(BsrMatmulShape(m, k, bsr.shape[0], bsr.block, bsr.nnzb), lanes=lanes, epilogue=epilogue,
+                          **params)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
     bias = np.zeros(bsr.shape[0], np.float32) if bias is None else bias
     args = [tvm.runtime.tensor(a) for a in (x, *bsr.kernel_arrays(), bias)]
@@ -79,6 +81,39 @@ def test_narrow_blocks_at_many_rows_store_whole_lines_through_a_stage():
     assert staged_groups(BsrMatmulShape(130, 32, 512, (2, 1), 1), 16) == 8
     assert staged_groups(BsrMatmulShape(128, 96, 64, (16, 1), 1), 16) == 0  # 16 x 1 stores whole vectors
     assert staged_groups(BsrMatmulShape(128, 96, 40, (1, 1), 1), 16) == 0  # 40 outputs: no whole lines
+
+
+@pytest.mark.parametrize("m, n, block, panels, stage", [
+    (37, 1024, (4, 1), None, None),  # the default: a 4 KB row pitch; a partial last panel
+    (128, 256, (8, 1), 3, STAGE_ROW_COLUMNS),  # panel tiles past the last panel
+    (20, 128, (16, 1), 1, STAGE_ROW_COLUMNS),
+    (40, 256, (16, 1), 2, STAGE_ROW_COLUMNS),  # two halves of each block row, two accumulator buffers
+    (48, 1024, (4, 1), 2, 0),  # not staged where it would be by default
+])
+def test_many_rows_staged_row_by_row_match_numpy(m, n, block, panels, stage):
+    """Tasks of several block rows that stage their outputs and store them row by row, with
+    empty block rows, a bias and a ReLU."""
+    rng = np.random.default_rng(n + m)
+    w = block_sparse_weight(rng, n, 40, block, 0.7, empty_rows=[0, 5, n // block[0] - 1])
+    x = rng.standard_normal((m, 40)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    got = run_cpu(x, BsrMatrix.from_dense(w, block), bias=bias, epilogue=Epilogue(0.0, FLT_MAX), panels=panels,
+                  stage=stage)
+    np.testing.assert_allclose(got, np.maximum(x @ w.T + bias, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_which_many_rows_kernels_stage_their_rows():
+    """By default where the output's rows are a multiple of 4 KB apart; the search tries both."""
+    assert default_stage(BsrMatmulShape(128, 768, 3072, (4, 1), 1), 16) == STAGE_ROW_COLUMNS
+    assert default_stage(BsrMatmulShape(37, 40, 1024, (4, 1), 1), 16) == STAGE_ROW_COLUMNS
+    assert default_stage(BsrMatmulShape(128, 3072, 768, (4, 1), 1), 16) == 0  # 3 KB apart
+    assert default_stage(BsrMatmulShape(128, 768, 3072, (4, 1), 1), 8) == 0  # no 16-lane transpose
+    assert default_stage(BsrMatmulShape(128, 768, 3072, (12, 1), 1), 16) == 0
+    space = search_space(BsrMatmulShape(128, 768, 3072, (4, 1), 1), 16)
+    assert space[0]["stage"] == STAGE_ROW_COLUMNS and {p["stage"] for p in space} == {0, STAGE_ROW_COLUMNS}
+    assert "stage" not in search_space(BsrMatmulShape(128, 768, 3072, (1, 1), 1), 16)[0]
+    with pytest.raises(ValueError, match="stage=128 is not possible"):
+        bsr_matmul_cpu(BsrMatmulShape(128, 768, 3072, (12, 1), 1), 16, stage=STAGE_ROW_COLUMNS)
 
 
 @pytest.mark.parametrize("m", [1, 9])
