@@ -374,6 +374,9 @@ def sparsify_module(mod, onnx_path, target: TargetConfig, options: SparsifyOptio
     return mod, decisions
 
 
+TUNING_KEY = "prune2tvm.tuning_key"  # PrimFunc attribute: the BSR tuner's key of the kernel
+
+
 def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], threshold: float, names=None, select=None,
                         records=None, specs: dict | None = None, pack: bool = False):
     """The BSR rewrite passes with the target's kernels. CPU kernels take their
@@ -445,9 +448,6 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
         for key in [key for key in specs if key not in running]:
             del specs[key]
     return mod, in_graph_order(conv_decisions + dense_decisions)
-
-
-TUNING_KEY = "prune2tvm.tuning_key"  # PrimFunc attribute: the BSR tuner's key of the kernel
 
 
 def simd_lanes(target: TargetConfig) -> int:
