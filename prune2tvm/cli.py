@@ -128,12 +128,17 @@ def cli(debug: bool) -> None:
 def main() -> None:
     try:
         cli(prog_name="prune2tvm")
-        return
+        code = 0
     except KeyboardInterrupt:  # before a verb started (imports, parsing)
         click.echo("interrupted", err=True)
+        code = 130
     except SystemExit as exc:
-        if exc.code != 130:
-            raise
+        code = exc.code
+    if code != 130:
+        # Done, or failed on its own: a Ctrl-C from here on, in interpreter shutdown, has nothing
+        # left to stop (a sweep interrupted just after writing its report ended by SIGINT, status -2).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.exit(code)
     # Interrupted: leave now. Without this, an exit after Ctrl-C during training was seen to end
     # by SIGINT (status -2) in interpreter shutdown instead of with status 130.
     sys.stdout.flush()
