@@ -37,23 +37,33 @@ def start(args, log):
 
 
 def end_all(procs):
-    """SIGTERM, then SIGKILL, each process group; returns every pid that was part of them."""
-    pids = set()
+    """SIGTERM, then SIGKILL, each process group and each of its processes (one that left the
+    group too), waiting until every one has ended; returns every pid that was part of them."""
+    members = []
     for p in procs:
         try:
-            pids |= {p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))}
+            leader = psutil.Process(p.pid)
+            members += [leader, *leader.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
+    left = members
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in procs:
             try:
                 os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.1)
-    return pids
+        for m in left:
+            try:
+                m.send_signal(sig)
+            except psutil.Error:
+                pass
+        _, left = psutil.wait_procs(left, timeout=5)  # a SIGKILLed process is gone only once it has exited
+        if not left:
+            break
+    for p in procs:
+        p.wait(timeout=5)
+    return {m.pid for m in members}
 
 
 def alive(pids):
