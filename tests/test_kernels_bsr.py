@@ -13,6 +13,7 @@ from prune2tvm.compile.build import cuda_sources
 from prune2tvm.compile.kernels.bsr_matmul import (FLT_MAX, GEMV_MAX_ROWS, NO_EPILOGUE, BsrMatmulShape, Epilogue,
                                                   STAGE_ROW_COLUMNS, bsr_matmul_cpu, bsr_matmul_cuda, default_stage,
                                                   search_space, staged_groups)
+from prune2tvm.compile.kernels.windowed_gemv import window_layout, window_to_dense, windowed
 from prune2tvm.sparse import BsrMatrix, block_sparsity, bsr_matmul_reference
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("target.llvm_get_system_cpu")()})
@@ -164,3 +165,73 @@ def test_fused_bias_and_relu_match_numpy(m, n, block):
     want = np.maximum(x @ w.T + bias, 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert (got == 0).any() and (got > 0).any()  # the clamp did something, not everything
+
+
+AVX512 = tvm.target.codegen.llvm_cpu_has_features("avx512f", HOST)
+
+
+def run_windowed(x, bsr, bias=None, epilogue=NO_EPILOGUE, **params):
+    """The windowed GEMV on ``bsr``'s windowed layout."""
+    m, k = x.shape
+    arrays = window_layout(bsr)
+    shape = BsrMatmulShape(m, k, bsr.shape[0], bsr.block, bsr.nnzb, slots=len(arrays[0]))
+    func = bsr_matmul_cpu(shape, 16, epilogue=epilogue, **params)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+    bias = np.zeros(bsr.shape[0], np.float32) if bias is None else bias
+    out = tvm.runtime.empty((m, bsr.shape[0]), "float32")
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, *arrays, bias)], out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("n, k, r, sparsity, empty_rows", [
+    (3072, 768, 1, 0.9, ()),  # 1x1 at 90 %: about 70 % of a slot's lanes used
+    (64, 100, 2, 0.5, (0, 5)),  # K not a multiple of the window: the last windows start at K - 32
+    (48, 32, 4, 0.0, ()),  # fully dense, K one window
+    (32, 40, 1, 1.0, ()),  # no block at all: one zero slot
+    (32, 64, 4, 0.8, tuple(range(4))),  # a whole group of 16 outputs empty
+])
+def test_windowed_layout_holds_exactly_the_matrix(n, k, r, sparsity, empty_rows):
+    rng = np.random.default_rng(n + k)
+    w = block_sparse_weight(rng, n, k, (r, 1), sparsity, empty_rows)
+    bsr = BsrMatrix.from_dense(w, (r, 1))
+    data, words, slots = window_layout(bsr)
+    np.testing.assert_array_equal(window_to_dense((n, k), r, data, words, slots), w)
+    assert len(slots) == n // 16 + 1 and data.shape[1] == 16
+    if bsr.nnzb:  # no slot wasted: every slot holds a weight
+        assert (data != 0).reshape(len(data), 16 // r, r).any(axis=(1, 2)).all()
+    if sparsity == 0.9:  # greedy windows keep most lanes busy: about the bytes of the BSR arrays
+        assert bsr.nnzb / data.size > 0.55 and data.nbytes + words.nbytes < 1.1 * (bsr.data.nbytes + bsr.indices.nbytes)
+    bases = words[-len(data):]  # windows start on whole 64-byte lines of x, or at K - 32
+    assert ((bases % 16 == 0) | (bases == k - 32)).all()
+
+
+@pytest.mark.skipif(not AVX512, reason="the windowed GEMV is an AVX-512 kernel")
+@pytest.mark.parametrize("m, n, k, r, sparsity, accumulators", [
+    (1, 3072, 768, 1, 0.9, 4),
+    (4, 64, 100, 2, 0.5, 4),  # 4 rows; windows clamped at the end of x
+    (3, 48, 32, 4, 0.0, 1),  # dense
+    (2, 32, 40, 1, 1.0, 2),  # no block: the bias alone
+    (1, 32, 70, 4, 0.7, 2),  # slot counts not multiples of the accumulators
+])
+def test_windowed_gemv_matches_numpy(m, n, k, r, sparsity, accumulators):
+    rng = np.random.default_rng(m * n + k)
+    w = block_sparse_weight(rng, n, k, (r, 1), sparsity, empty_rows=[1])
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    got = run_windowed(x, BsrMatrix.from_dense(w, (r, 1)), bias, accumulators=accumulators)
+    np.testing.assert_allclose(got, x @ w.T + bias, rtol=1e-4, atol=1e-4)
+    relu = run_windowed(x, BsrMatrix.from_dense(w, (r, 1)), bias, Epilogue(0.0, FLT_MAX))
+    np.testing.assert_allclose(relu, np.maximum(x @ w.T + bias, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_which_layers_take_the_windowed_gemv():
+    def takes(rows, n, k, block, lanes=16):
+        return windowed(rows, BsrMatrix.from_dense(np.ones((n, k), np.float32), block), lanes)
+
+    assert takes(1, 64, 32, (1, 1)) and takes(4, 64, 32, (2, 1)) and takes(1, 64, 32, (4, 1))
+    assert not takes(5, 64, 32, (1, 1))  # many rows: the packed-panel kernel
+    assert not takes(1, 64, 32, (8, 1)) and not takes(1, 64, 32, (1, 4))
+    assert not takes(1, 72, 32, (1, 1)) and not takes(1, 64, 16, (1, 1))  # partial vectors; x narrower than a window
+    assert not takes(1, 64, 32, (1, 1), lanes=8)  # no AVX-512
+    assert search_space(BsrMatmulShape(1, 32, 64, (1, 1), 10, slots=5)) == [
+        {"accumulators": 4}, {"accumulators": 2}, {"accumulators": 1}]

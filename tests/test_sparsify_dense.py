@@ -14,7 +14,7 @@ from tvm import relax
 
 from prune2tvm.cli import cli
 from prune2tvm.compile import compile_onnx
-from prune2tvm.compile.build import SparsifyOptions, sparsify_module
+from prune2tvm.compile.build import SparsifyOptions, simd_lanes, sparsify_module
 from prune2tvm.compile.frontend import import_onnx
 from prune2tvm.config import load_target
 from prune2tvm.onnxrt import session
@@ -96,8 +96,12 @@ def test_rewrite_replaces_sparse_matmuls_with_bsr_kernel_calls(mixed_onnx):
     calls = [call for call in calls if "bsr_matmul" in call.args[0].name_hint]
     arg_shapes = [[[int(d) for d in a.ty.shape] for a in call.args[1].fields] for call in calls]
     assert [shapes[0] for shapes in arg_shapes] == [[2, 128], [2, 64]]  # activations
-    assert all(shapes[1][1:] == [4, 1] for shapes in arg_shapes)  # the kept 4x1 blocks
-    assert arg_shapes[0][3] == [64 // 4 + 1]  # indptr: one entry per block row, plus one
+    assert arg_shapes[1][1][1:] == [4, 1] and arg_shapes[1][3] == [12 // 4 + 1]  # fc2: the kept 4x1 blocks, indptr
+    if simd_lanes(target) == 16:  # fc1, 2 rows of 4x1 blocks on AVX-512: the windowed layout, 16 outputs a slot
+        assert arg_shapes[0][1][1:] == [16]  # (fc2's 12 outputs are not whole vectors of 16)
+        assert arg_shapes[0][3] == [64 // 16 + 1]  # slot pointers: one entry per group of 16 outputs, plus one
+    else:
+        assert arg_shapes[0][1][1:] == [4, 1] and arg_shapes[0][3] == [64 // 4 + 1]
     assert arg_shapes[0][4] == [64]  # the fused bias
 
 
@@ -114,10 +118,11 @@ def test_nothing_sparse_enough_leaves_the_module_as_it_was(mixed_onnx):
     assert decisions[0].reason.startswith("block sparsity 0.") and "< threshold 0.95" in decisions[0].reason
 
 
-@pytest.mark.parametrize("batch", [1, 2, 9])
-def test_rewritten_model_matches_onnxruntime(mixed_onnx, batch):
+@pytest.mark.parametrize("batch, block", [(1, (4, 1)), (2, (4, 1)), (9, (4, 1)),  # AVX-512: fc1 windowed up to 4 rows
+                                          (1, (1, 1))])
+def test_rewritten_model_matches_onnxruntime(mixed_onnx, batch, block):
     compiled = compile_onnx(mixed_onnx, load_target("x86"), {"input": [batch, 4, 4, 4]},
-                            sparsify=SparsifyOptions((4, 1), 0.5))
+                            sparsify=SparsifyOptions(block, 0.5))
     dense_layers = [d["kind"] for d in compiled.info.layers if d["op"] == "dense"]
     assert compiled.info.verified and dense_layers == ["bsr", "bsr", "dense"]
     x = np.random.default_rng(batch).standard_normal((batch, 4, 4, 4)).astype(np.float32)

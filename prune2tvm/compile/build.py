@@ -388,6 +388,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu
     from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
                                                       search_space)
+    from prune2tvm.compile.kernels.windowed_gemv import cpu_layout
     from prune2tvm.compile.passes.decisions import in_graph_order
     from prune2tvm.compile.passes.fuse_epilogue import fuse_epilogues
     from prune2tvm.compile.passes.fuse_expand_depthwise import fuse_expand_depthwise
@@ -412,14 +413,23 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
                 specs[key] = spec()
             return (records.params(key) if records is not None else None) or {}
 
+        layouts = {}  # (rows, id(matrix)) -> (matrix, its kernel's shape and arrays); the matrix held keeps its id
+
+        def layout(rows, bsr):
+            """The layer's kernel shape and weight arrays (the windowed layout for few rows and
+            narrow blocks), made once per layer: every epilogue variant and the call share them."""
+            if (rows, id(bsr)) not in layouts:
+                layouts[(rows, id(bsr))] = (bsr, cpu_layout(rows, bsr, lanes))
+            return layouts[(rows, id(bsr))][1]
+
         def kernel(rows, bsr, epilogue):
-            shape = BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb)
+            shape, arrays = layout(rows, bsr)
             key = kernel_key("matmul", shape, lanes, [bsr.indptr, bsr.indices])
             params = tuned_params(key, lambda: BsrKernelSpec(
                 key, f"matmul {rows}x{shape.inputs}->{shape.outputs} {shape.block[0]}x{shape.block[1]} "
-                f"({bsr.nnzb} blocks)", lambda p: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **p),
-                search_space(shape, lanes), list(bsr.kernel_arrays()), [rows, shape.inputs], [rows, shape.outputs],
-                shape.outputs))
+                f"({bsr.nnzb} blocks{f', {shape.slots} windowed slots' if shape.slots else ''})",
+                lambda p: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **p),
+                search_space(shape, lanes), arrays, [rows, shape.inputs], [rows, shape.outputs], shape.outputs))
             return tunable(bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, **params), key)
 
         def conv_kernel(shape, epilogue, data, indptr, offsets):
@@ -438,7 +448,8 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
         mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
                                               depthwise_kernel, pack, lanes)
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels,
-                                          pack and target.kind != "cuda")
+                                          pack and target.kind != "cuda",
+                                          None if target.kind == "cuda" else (lambda rows, bsr: layout(rows, bsr)[1]))
     mod = fuse_epilogues(mod, kernels)
     if target.kind != "cuda":
         mod = fuse_expand_depthwise(mod, kernels, lanes)

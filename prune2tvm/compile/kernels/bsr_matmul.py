@@ -16,6 +16,10 @@ Two CPU kernels, chosen by the number of activation rows M:
   go through a task-local stage and reach ``out`` as whole 64-byte lines
   (``_bsr_gemm_staged``).
 
+On AVX-512, few rows with blocks of 1, 2 or 4 outputs take a third kernel instead,
+``windowed_gemv`` (16 outputs per vector, x looked up in registers), on its own layout;
+``BsrMatmulShape.slots`` says which.
+
 The sparsity pattern is data (indices, indptr), not code: baking it into unrolled code was
 measured slower and explodes compile time.
 """
@@ -232,6 +236,7 @@ class BsrMatmulShape:
     block: tuple[int, int]  # (R, C)
     nnzb: int
     dtype: str = "float32"
+    slots: int = 0  # > 0: the windowed layout's slot count (``windowed_gemv``), else BSR arrays
 
     @property
     def block_rows(self) -> int:
@@ -244,7 +249,11 @@ def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4
     Arguments: x [M, K], data [nnzb, R, C], indices [nnzb], indptr [N/R + 1], bias [N], out [M, N].
     Tunable (``search_space``): ``accumulators`` for few rows; for many, ``panels`` (of ``lanes``
     rows per task) and ``stage`` (output columns a task stages and stores row by row; 0 = none,
-    None = ``default_stage``)."""
+    None = ``default_stage``). A shape with ``slots`` takes the windowed layout's kernel."""
+    if shape.slots:
+        from prune2tvm.compile.kernels.windowed_gemv import windowed_gemv
+
+        return windowed_gemv(shape, accumulators, epilogue)
     if shape.rows <= GEMV_MAX_ROWS:
         return _bsr_gemv(shape, accumulators, epilogue)
     if staged_groups(shape, lanes, panels):
@@ -258,6 +267,8 @@ def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4
 
 def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
     """The parameter sets a BSR kernel can be built with (the first is the default)."""
+    if shape.slots:
+        return [{"accumulators": a} for a in (4, 2, 1)]
     if shape.rows <= GEMV_MAX_ROWS:
         return [{"accumulators": a} for a in (4, 1, 2, 8)]
     rc, default = accumulator_tiling(shape.block[0], (shape.rows + lanes - 1) // lanes, lanes)

@@ -32,13 +32,17 @@ from prune2tvm.sparse import BsrMatrix
 
 # Makes the kernel for one layer: (rows M, BsrMatrix, Epilogue) -> PrimFunc
 KernelFactory = Callable[[int, BsrMatrix, Epilogue], tvm.tirx.PrimFunc]
+# The arrays that kernel takes after x: (rows M, BsrMatrix) -> [data, indices, indptr] or another layout's three
+KernelArrays = Callable[[int, BsrMatrix], list]
 
 
 def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, kernel: KernelFactory,
                    names: LayerNamer | None = None, select: Selector | None = None,
-                   kernels: KernelRegistry | None = None, pack: bool = False) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                   kernels: KernelRegistry | None = None, pack: bool = False,
+                   arrays: KernelArrays | None = None) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per constant-weight matmul, in graph order.
-    Each kernel emitted is entered in ``kernels`` (for ``fuse_epilogues``)."""
+    Each kernel emitted is entered in ``kernels`` (for ``fuse_epilogues``). ``arrays`` gives a
+    kernel's weight arrays (default: the BSR arrays)."""
     x, weight, other = wildcard(), is_const(), wildcard()
     transposed = is_op("relax.permute_dims")(weight)
     pattern = (is_op("relax.matmul")(x, transposed) | is_op("relax.matmul")(x, weight)
@@ -83,7 +87,7 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
             if bsr is None:
                 return call
         gvar = builder.add_func(kernel(rows, bsr, NO_EPILOGUE), "bsr_matmul")
-        data, indices, indptr = bsr.kernel_arrays()
+        data, indices, indptr = arrays(rows, bsr) if arrays is not None else bsr.kernel_arrays()
         weights = const(data)
         register(kernels, gvar, FusableKernel(lambda e, rows=rows, bsr=bsr: kernel(rows, bsr, e), 1, decision), weights)
         flat = relax.op.reshape(x_expr, [rows, k]) if len(x_shape) != 2 else x_expr

@@ -1,0 +1,174 @@
+"""A BSR product for few activation rows whose blocks are 1, 2 or 4 outputs tall, on AVX-512:
+16 outputs per vector, x looked up in registers instead of loaded per weight.
+
+The CSR-like GEMV (``bsr_matmul._bsr_gemv``) does one load of x per block: with 1x1 blocks,
+one scalar multiply-add per weight, about one weight per cycle. Here the weights of 16
+outputs (16 / R block rows of R outputs) are cut into *slots*: a slot holds, for each of
+its block rows, at most one block, all of whose columns lie in a window of ``WINDOW`` (32)
+inputs starting at the slot's ``base``. The kernel loads x[base : base + 32] as two vectors,
+picks each lane's input with one ``vpermi2ps`` (the lane's offset into the window is a byte),
+and multiplies the slot's 16 weights into one accumulator vector: one vector multiply-add
+for up to 16 weights. Slots are filled greedily, the window starting at the smallest column
+still to place; lanes with nothing in the window hold a zero weight. At 90 % sparsity about
+60 % of the lanes of 1x1 slots hold a weight (75 % for 4x1), so the layout takes about as
+many bytes as CSR does (4 bytes of weight and 4 of index per weight).
+
+Measured on Zen 5, kernel alone, CSR-like -> windowed, one row unless said: 768->3072 at 90 %,
+1x1 blocks 37.3 -> 10.2 us, 2x1 18.3 -> 9.2 us, 4x1 9.6 -> 8.1 us; 3072->768 at 90 %, 1x1
+34.4 -> 10.7 us, 4x1 9.5 -> 8.3 us; 768->3072 1x1 at 50 % 208 -> 43 us, at 95 % 18.8 -> 6.2 us;
+4 rows, 1x1 at 90 % 140 -> 23 us.
+
+Layout, ``window_layout``: ``data [S, 16]`` float32 (slot s, lane l: the weight of output
+16 g + l, g the slot's group); ``words [OW + S]`` int32: first the slots' block offsets into
+their windows as bytes, 16 / R per slot (OW words), then each slot's window start;
+``slots [N / 16 + 1]`` int32: group g owns slots slots[g] .. slots[g + 1] - 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from tvm.script import tirx as T
+
+from prune2tvm.compile.kernels.bsr_matmul import GEMV_MAX_ROWS, BsrMatmulShape, Epilogue
+from prune2tvm.sparse import BsrMatrix
+
+LANES = 16
+WINDOW = 32  # inputs a slot reaches: two vectors of x, indexed by vpermi2ps
+
+
+def windowed(rows: int, bsr: BsrMatrix, lanes: int) -> bool:
+    """Whether the kernel for ``rows`` activation rows times ``bsr`` is this one: AVX-512
+    (``lanes`` 16), blocks of one input and 1, 2 or 4 outputs, outputs in whole vectors. (With
+    8x1 blocks the CSR-like kernel, one 8-lane multiply-add per block, was faster: 5.4 us
+    against 7.1 at 768->3072, 90 %.)"""
+    (R, C), (n, k) = bsr.block, bsr.shape
+    return (lanes == LANES and bsr.data.dtype == np.float32 and C == 1 and rows <= GEMV_MAX_ROWS
+            and R in (1, 2, 4) and n % LANES == 0 and k >= WINDOW)
+
+
+def cpu_layout(rows: int, bsr: BsrMatrix, lanes: int) -> tuple[BsrMatmulShape, list[np.ndarray]]:
+    """The CPU matmul kernel's shape and weight arrays for ``rows`` rows times ``bsr``: the
+    windowed layout where this kernel runs, else the BSR arrays."""
+    shape = BsrMatmulShape(rows, bsr.shape[1], bsr.shape[0], bsr.block, bsr.nnzb)
+    if not windowed(rows, bsr, lanes):
+        return shape, list(bsr.kernel_arrays())
+    arrays = window_layout(bsr)
+    return dataclasses.replace(shape, slots=len(arrays[0])), list(arrays)
+
+
+def offset_words(slots: int, block_rows: int) -> int:
+    """int32 words holding ``block_rows`` offset bytes for each of ``slots`` slots."""
+    return (slots * block_rows + 3) // 4
+
+
+def window_layout(bsr: BsrMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, words, slots) of ``bsr`` (see the module docstring); a matrix with no block gets
+    one zero slot so that no buffer is empty. Groups are filled side by side: one numpy step
+    places one slot of every group."""
+    R = bsr.block[0]
+    n, k = bsr.shape
+    G, groups = LANES // R, n // LANES
+    cols = bsr.indices.astype(np.int64)
+    head = bsr.indptr[:-1].astype(np.int64).reshape(groups, G).copy()
+    end = bsr.indptr[1:].astype(np.int64).reshape(groups, G)
+    count = np.zeros(groups, np.int64)
+    placed = []  # per step: (group, slot within group, window start, block per block row or -1)
+    none = np.int64(k)
+    while True:
+        live = head < end
+        if not live.any():
+            break
+        nxt = np.where(live, cols[np.minimum(head, max(len(cols) - 1, 0))], none)
+        active = live.any(1)
+        # the window starts at a multiple of 16 (whole 64-byte lines of x: unaligned, its two
+        # loads each split across lines, and the kernel took 9.4 us for 8.0 aligned, in spite of
+        # the 10 % more slots), and never past K - 32, so that x[base : base + 32] stays inside x
+        base = np.minimum(nxt.min(1) // LANES * LANES, k - WINDOW)
+        take = live & (nxt < (base + WINDOW)[:, None])
+        group = np.nonzero(active)[0]
+        placed.append((group, count[group], base[group], np.where(take, head, -1)[group]))
+        count += active
+        head += take
+    starts = np.zeros(groups + 1, np.int64)
+    np.cumsum(count, out=starts[1:])
+    total = max(int(starts[-1]), 1)
+    data = np.zeros((total, G, R), np.float32)
+    offsets = np.zeros((total, G), np.uint8)
+    bases = np.zeros(total, np.int32)
+    for group, nth, base, block in placed:
+        slot = starts[group] + nth
+        bases[slot] = base
+        has = block >= 0
+        data[slot] = np.where(has[:, :, None], bsr.data[np.maximum(block, 0), :, 0], 0)
+        offsets[slot] = np.where(has, cols[np.maximum(block, 0)] - base[:, None], 0)
+    packed = np.zeros(offset_words(total, G) * 4, np.uint8)
+    packed[:offsets.size] = offsets.reshape(-1)
+    return data.reshape(total, LANES), np.concatenate([packed.view(np.int32), bases]), starts.astype(np.int32)
+
+
+def window_to_dense(shape: tuple[int, int], block_rows: int, data: np.ndarray, words: np.ndarray,
+                    slots: np.ndarray) -> np.ndarray:
+    """The numpy reference: the [N, K] matrix a windowed layout holds (``block_rows`` = R)."""
+    R, S = block_rows, data.shape[0]
+    G, ow = LANES // R, offset_words(data.shape[0], LANES // block_rows)
+    offsets = words[:ow].view(np.uint8)[:S * G].reshape(S, G).astype(np.int64)
+    bases = words[ow:].astype(np.int64)
+    out = np.zeros(shape, np.float32)
+    for g in range(len(slots) - 1):
+        for s in range(slots[g], slots[g + 1]):
+            for lane in range(LANES):
+                out[g * LANES + lane, bases[s] + offsets[s, lane // R]] += data[s, lane]
+    return out
+
+
+def _window(x, m, base, offsets, j, G, R):
+    """x[m, base + offset] for each lane of slot j: two vectors of x and one vpermi2ps."""
+    offset = T.cast(offsets[T.Ramp(j * G, 1, G)], f"int32x{G}")
+    if R > 1:  # each block row's offset to its R lanes
+        offset = T.Shuffle([offset] * R, [lane // R for lane in range(LANES)])
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermi2var.ps.512", x[m, T.Ramp(base, 1, LANES)],
+                                   offset, x[m, T.Ramp(base + LANES, 1, LANES)])
+
+
+def windowed_gemv(s: BsrMatmulShape, accumulators: int, epilogue: Epilogue):
+    """The kernel: ``s.slots`` slots; arguments x [M, K], data [S, 16], words, slots, bias [N],
+    out [M, N]. Parallel over groups of 16 outputs; ``accumulators`` vectors per row of x
+    take turns over the slots (one multiply-add chain is latency-bound)."""
+    M, K, N, S, dtype = s.rows, s.inputs, s.outputs, s.slots, s.dtype
+    R, A, V = s.block[0], accumulators, LANES
+    G, NG = V // R, s.outputs // V
+    OW = offset_words(S, G)
+    LO, HI = epilogue.low, epilogue.high
+
+    @T.prim_func(private=True)
+    def bsr_gemv_windowed(x: T.Buffer((M, K), dtype), data: T.Buffer((S, V), dtype),
+                          words: T.Buffer((OW + S,), "int32"), slots: T.Buffer((NG + 1,), "int32"),
+                          bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        offsets = T.decl_buffer((OW * 4,), "uint8", data=words.data)
+        for g in T.parallel(NG):
+            acc = T.alloc_buffer((M, A, V), dtype)
+            for m in T.unroll(M):
+                for a in T.unroll(A):
+                    acc[m, a, T.Ramp(0, 1, V)] = T.Broadcast(T.cast(0, dtype), V)
+            for q in range((slots[g + 1] - slots[g]) // A):
+                for a in T.unroll(A):
+                    for m in T.unroll(M):
+                        acc[m, a, T.Ramp(0, 1, V)] = acc[m, a, T.Ramp(0, 1, V)] + \
+                            data[slots[g] + q * A + a, T.Ramp(0, 1, V)] * \
+                            _window(x, m, words[OW + slots[g] + q * A + a], offsets, slots[g] + q * A + a, G, R)
+            for t in range((slots[g + 1] - slots[g]) % A):
+                for m in T.unroll(M):
+                    acc[m, 0, T.Ramp(0, 1, V)] = acc[m, 0, T.Ramp(0, 1, V)] + \
+                        data[slots[g + 1] - t - 1, T.Ramp(0, 1, V)] * \
+                        _window(x, m, words[OW + slots[g + 1] - t - 1], offsets, slots[g + 1] - t - 1, G, R)
+            for m in T.unroll(M):
+                for a in T.unroll(1, A):
+                    acc[m, 0, T.Ramp(0, 1, V)] = acc[m, 0, T.Ramp(0, 1, V)] + acc[m, a, T.Ramp(0, 1, V)]
+                out[m, T.Ramp(g * V, 1, V)] = T.min(T.max(acc[m, 0, T.Ramp(0, 1, V)] + bias[T.Ramp(g * V, 1, V)],
+                                                          T.Broadcast(T.cast(LO, dtype), V)),
+                                                    T.Broadcast(T.cast(HI, dtype), V))
+
+    return bsr_gemv_windowed
