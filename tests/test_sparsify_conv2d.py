@@ -1,6 +1,7 @@
 """The conv2d -> BSR rewrite: structure, decisions, and numerical equality with onnxruntime
 on a model with 3x3, strided, dilated, 1x1 and depthwise convs and a residual add."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -131,15 +132,23 @@ def test_rows_wider_than_a_vector_and_not_a_multiple_of_it(convnet_onnx):
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(convnet_onnx).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-5)
     mod = import_onnx(convnet_onnx, {"input": [1, 3, 15, 37]})
-    new, _ = sparsify_module(mod, convnet_onnx, load_target("x86"), SparsifyOptions((4, 1), 0.5))
-    assert called(new).count("pad_flat") + called(new).count("pad_phases") == 3  # only the padded or strided convs
-    # the two padded stride-1 convs (37 and 19 wide) run over wrapped rows: padded in height
-    # only, with guards of one (stem) and two (dilated) elements on each side
-    flat = []
-    relax.analysis.post_order_visit(new["main"].body, lambda e: flat.append([int(d) for d in e.ty.shape]) if (
-        isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir"
-        and e.args[0].name_hint.startswith("pad_flat")) else None)
-    assert flat == [[1, 1 + 3 * 17 * 37 + 1], [1, 2 + 32 * 12 * 19 + 2]]
+
+    def padded_inputs(target):
+        new, _ = sparsify_module(mod, convnet_onnx, target, SparsifyOptions((4, 1), 0.5))
+        assert called(new).count("pad_flat") + called(new).count("pad_phases") == 3  # only the padded or strided convs
+        flat = []
+        relax.analysis.post_order_visit(new["main"].body, lambda e: flat.append([int(d) for d in e.ty.shape]) if (
+            isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir"
+            and e.args[0].name_hint.startswith("pad_flat")) else None)
+        return flat
+
+    # on an Intel CPU the two padded stride-1 convs (37 and 19 wide) run over wrapped rows:
+    # padded in height only, with guards of one (stem) and two (dilated) elements on each side
+    intel = load_target("x86-avx512")
+    assert padded_inputs(intel) == [[1, 1 + 3 * 17 * 37 + 1], [1, 2 + 32 * 12 * 19 + 2]]
+    # on AMD Zen, 4x1 blocks go row by row (2x faster there): padded on every side
+    zen = dataclasses.replace(intel, tvm={"kind": "llvm", "mcpu": "znver5"})
+    assert padded_inputs(zen) == [[1, 3 * 17 * 39], [1, 32 * 12 * 23]]
 
 
 def test_conv_kernels_are_tunable_and_right_with_every_tiling(convnet_onnx, tmp_path):
@@ -401,7 +410,7 @@ def test_wrapped_rows_kernel_matches_numpy(n, c, o, h, w, k, pads, dilation, r, 
 def test_which_convs_run_over_wrapped_rows():
     """Only where row by row would compute part of a vector twice and the kernel can mask the
     edges: stride 1, one-column blocks, output as wide as the input."""
-    from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, wrapped
+    from prune2tvm.compile.kernels.bsr_conv2d import BsrConv2dShape, wrap_min_rows, wrapped
 
     def shape(w, k=3, pad=1, stride=1, block=(4, 1), h=20):
         out = [(n + 2 * pad - k) // stride + 1 for n in (h, w)]
@@ -417,3 +426,7 @@ def test_which_convs_run_over_wrapped_rows():
     assert wrapped(shape(56, pad=0), 0, 0) is None  # narrower output than input
     assert wrapped(shape(56, k=1, pad=0), 0, 0) is None  # a 1x1 conv: already one row of pixels
     assert wrapped(shape(56, block=(2, 1)), 1, 1) is None  # 8 vectors per task: more masks than registers
+    # on AMD Zen, 4x1 blocks ran 2x slower wrapped: they go row by row there; 8x1 blocks still wrap
+    zen = wrap_min_rows("znver5")
+    assert wrap_min_rows("emeraldrapids") == 4 and wrapped(shape(56), 1, 1, min_rows=zen) is None
+    assert wrapped(shape(56, block=(8, 1)), 1, 1, min_rows=zen) is not None

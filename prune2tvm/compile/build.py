@@ -384,7 +384,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     each is entered in ``specs`` (key -> ``BsrKernelSpec``) for the BSR tuner. ``pack``: on
     CPUs, layers that stay dense run the packed dense kernel."""
     from prune2tvm.compile.bsr_tune import BsrKernelSpec, kernel_key
-    from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu, conv_search_space
+    from prune2tvm.compile.kernels.bsr_conv2d import bsr_conv2d_cpu, conv_search_space, wrap_min_rows
     from prune2tvm.compile.kernels.depthwise_conv2d import depthwise_conv2d_cpu
     from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
                                                       search_space)
@@ -446,7 +446,8 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
             return depthwise_conv2d_cpu(shape, lanes, epilogue)
 
         mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
-                                              depthwise_kernel, pack, lanes)
+                                              depthwise_kernel, pack, lanes,
+                                              wrap_min_rows(str(resolved_target_dict(target).get("mcpu", ""))))
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels,
                                           pack and target.kind != "cuda",
                                           None if target.kind == "cuda" else (lambda rows, bsr: layout(rows, bsr)[1]))

@@ -87,12 +87,30 @@ def virtual_rows(s: BsrConv2dShape, lanes: int = 16) -> bool:
     return s.stride == (1, 1) and s.out[1] < lanes and s.out[0] > 1 and s.padded[1] != s.out[1]
 
 
-def wrapped(s: BsrConv2dShape, left: int, right: int, lanes: int = 16) -> BsrConv2dShape | None:
+# Narrower blocks keep more vectors per task (16 / R), and with them more masks than
+# AVX-512's 7 mask registers: 1x1 blocks at 90 % ran 1.7x slower wrapped, 2x1 1.3x.
+WRAP_MIN_ROWS = 4
+# On AMD Zen 5, 4x1 blocks ran about 2x slower wrapped than row by row: a 3x3 conv 64->64 at
+# 56x56 took 0.206 ms wrapped and 0.094 row by row at 90 %, 0.637 and 0.345 at 50 %
+# (bsr_layers.py, 40 calls each). On the Intel Xeon (emeraldrapids) wrapped was 1.2x faster
+# (the figures in ``wrapped``). On Zen 5, 8x1 and 16x1 blocks were within 6 % either way, and
+# the packed dense conv was 1.1x faster wrapped.
+WRAP_MIN_ROWS_ZEN = 8
+
+
+def wrap_min_rows(mcpu: str) -> int:
+    """The narrowest blocks (output channels) a conv runs over wrapped rows with, for LLVM's
+    name of the target CPU."""
+    return WRAP_MIN_ROWS_ZEN if mcpu.startswith("znver") else WRAP_MIN_ROWS
+
+
+def wrapped(s: BsrConv2dShape, left: int, right: int, lanes: int = 16,
+            min_rows: int = WRAP_MIN_ROWS) -> BsrConv2dShape | None:
     """``s`` (padded on all sides) over wrapped rows, or None where the kernel already computes
     the image as one row (``computed_output``), its rows are whole vectors, or the wrapped
     kernel cannot take it or does not pay. It takes stride-1 convs with blocks one column
     wide whose output is as wide as their input (``left + right`` is the window's width less
-    one), in blocks of at least ``WRAP_MIN_ROWS`` output channels.
+    one), in blocks of at least ``min_rows`` output channels (``wrap_min_rows``).
 
     Measured in one-conv models against onnxruntime's Conv, each in a process of its own:
     dense 3x3 at 56x56 (64 channels) 1.36-1.37x -> 1.23-1.24x of its time, at 28x28 (128)
@@ -101,14 +119,11 @@ def wrapped(s: BsrConv2dShape, left: int, right: int, lanes: int = 16) -> BsrCon
     against 1.24x), so those stay as they are."""
     width = s.padded[1] - left - right
     if (computed_output(s, lanes)[0] == 1 or s.stride != (1, 1) or s.block[1] != 1 or s.out[1] != width
-            or s.out[1] % lanes == 0 or s.block[0] < WRAP_MIN_ROWS):
+            or s.out[1] % lanes == 0 or s.block[0] < min_rows):
         return None
     return replace(s, padded=(s.padded[0], width), wrap=(left, right))
 
 
-# Narrower blocks keep more vectors per task (16 / R), and with them more masks than
-# AVX-512's 7 mask registers: 1x1 blocks at 90 % ran 1.7x slower wrapped, 2x1 1.3x.
-WRAP_MIN_ROWS = 4
 WRAP_MAX_VECTORS = 4  # per task: one mask each
 
 # Input rows (channel, kernel row) one pass of a wrapped kernel reads before the next kernel

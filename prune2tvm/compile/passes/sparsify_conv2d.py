@@ -21,8 +21,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from prune2tvm.compile.kernels.bsr_conv2d import (BsrConv2dShape, PhaseLayout, column_offsets, pad_flat_cpu,
-                                                  pad_phases_cpu, wrap_columns, wrapped)
+from prune2tvm.compile.kernels.bsr_conv2d import (WRAP_MIN_ROWS, BsrConv2dShape, PhaseLayout, column_offsets,
+                                                  pad_flat_cpu, pad_phases_cpu, wrap_columns, wrapped)
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
 from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape
 from prune2tvm.compile.passes.fuse_epilogue import FusableKernel, KernelRegistry, register
@@ -39,10 +39,12 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
                     names: LayerNamer | None = None, select: Selector | None = None,
                     kernels: KernelRegistry | None = None,
                     depthwise: DepthwiseKernelFactory | None = None,
-                    pack: bool = False, lanes: int = 16) -> tuple[tvm.IRModule, list[LayerDecision]]:
+                    pack: bool = False, lanes: int = 16,
+                    wrap_min_rows: int = WRAP_MIN_ROWS) -> tuple[tvm.IRModule, list[LayerDecision]]:
     """Return the rewritten module and one decision per conv2d, in graph order. Each kernel
     emitted is entered in ``kernels`` (for ``fuse_epilogues``). ``lanes``: the target's
-    float32 vector width, which decides where convs run over wrapped rows."""
+    float32 vector width, and ``wrap_min_rows`` the narrowest blocks the target's CPU runs
+    over wrapped rows (``wrap_min_rows``): together they decide where convs run over them."""
     x, weight, other = wildcard(), is_const(), wildcard()
     pattern = is_op("relax.nn.conv2d")(x, weight) | is_op("relax.nn.conv2d")(x, other)
     log = DecisionLog(names)
@@ -92,7 +94,7 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
         else:
             shape = BsrConv2dShape(n, c, (h + top + bottom, wd + left + right), o, (out_shape[2], out_shape[3]),
                                    (kh, kw), (1, 1), tuple(dilation), panel, bsr.nnzb)
-            wrap = wrapped(shape, left, right, lanes)
+            wrap = wrapped(shape, left, right, lanes, wrap_min_rows)
             if wrap is not None:  # rows laid end to end, padded in height only
                 shape, pads = wrap, (top, 0, bottom, 0)
                 data, offsets, indptr = wrap_columns(shape, data, bsr.indices, indptr)
