@@ -424,7 +424,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
 
         def kernel(rows, bsr, epilogue):
             shape, arrays = layout(rows, bsr)
-            key = kernel_key("matmul", shape, lanes, [bsr.indptr, bsr.indices])
+            key = kernel_key("matmul-windowed" if shape.slots else "matmul", shape, lanes, [bsr.indptr, bsr.indices])
             params = tuned_params(key, lambda: BsrKernelSpec(
                 key, f"matmul {rows}x{shape.inputs}->{shape.outputs} {shape.block[0]}x{shape.block[1]} "
                 f"({bsr.nnzb} blocks{f', {shape.slots} windowed slots' if shape.slots else ''})",

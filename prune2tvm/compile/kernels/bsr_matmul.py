@@ -26,7 +26,7 @@ measured slower and explodes compile time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tvm.script import tirx as T
 
@@ -236,7 +236,10 @@ class BsrMatmulShape:
     block: tuple[int, int]  # (R, C)
     nnzb: int
     dtype: str = "float32"
-    slots: int = 0  # > 0: the windowed layout's slot count (``windowed_gemv``), else BSR arrays
+    # > 0: the windowed layout's slot count (``windowed_gemv``), else BSR arrays. Left out of the
+    # repr, which tuning keys are made of: the kernel's kind says which layout (and the count
+    # follows from the block pattern, which the key holds).
+    slots: int = field(default=0, repr=False)
 
     @property
     def block_rows(self) -> int:
