@@ -8,8 +8,9 @@ its block rows, at most one block, all of whose columns lie in a window of ``WIN
 inputs starting at the slot's ``base``. The kernel loads x[base : base + 32] as two vectors,
 picks each lane's input with one ``vpermi2ps`` (the lane's offset into the window is a byte),
 and multiplies the slot's 16 weights into one accumulator vector: one vector multiply-add
-for up to 16 weights. Slots are filled greedily, the window starting at the smallest column
-still to place; lanes with nothing in the window hold a zero weight. At 90 % sparsity about
+for up to 16 weights. Slots are filled greedily: each window starts at the line of x (16
+inputs) that holds the smallest column still to place; lanes with nothing in the window hold
+a zero weight. At 90 % sparsity about
 60 % of the lanes of 1x1 slots hold a weight (75 % for 4x1), so the layout takes about as
 many bytes as CSR does (4 bytes of weight and 4 of index per weight).
 
