@@ -10,9 +10,9 @@ picks each lane's input with one ``vpermi2ps`` (the lane's offset into the windo
 and multiplies the slot's 16 weights into one accumulator vector: one vector multiply-add
 for up to 16 weights. Slots are filled greedily: each window starts at the line of x (16
 inputs) that holds the smallest column still to place; lanes with nothing in the window hold
-a zero weight. At 90 % sparsity about
-60 % of the lanes of 1x1 slots hold a weight (75 % for 4x1), so the layout takes about as
-many bytes as CSR does (4 bytes of weight and 4 of index per weight).
+a zero weight. At 90 % sparsity about 60 % of the lanes of 1x1 slots hold a weight (75 % for
+4x1), so the layout takes about as many bytes as CSR does (4 bytes of weight and 4 of index
+per weight).
 
 Measured on Zen 5, kernel alone, CSR-like -> windowed, one row unless said: 768->3072 at 90 %,
 1x1 blocks 37.3 -> 10.2 us, 2x1 18.3 -> 9.2 us, 4x1 9.6 -> 8.1 us; 3072->768 at 90 %, 1x1
@@ -124,13 +124,23 @@ def window_to_dense(shape: tuple[int, int], block_rows: int, data: np.ndarray, w
     return out
 
 
-def _window(x, m, base, offsets, j, G, R):
-    """x[m, base + offset] for each lane of slot j: two vectors of x and one vpermi2ps."""
+def _window(x, m, words, offsets, OW, j, G, R):
+    """x[m, base + offset] for each lane of slot j (base = words[OW + j]): two vectors of x and
+    one vpermi2ps."""
     offset = T.cast(offsets[T.Ramp(j * G, 1, G)], f"int32x{G}")
     if R > 1:  # each block row's offset to its R lanes
         offset = T.Shuffle([offset] * R, [lane // R for lane in range(LANES)])
-    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermi2var.ps.512", x[m, T.Ramp(base, 1, LANES)],
-                                   offset, x[m, T.Ramp(base + LANES, 1, LANES)])
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
+                                   x[m, T.Ramp(words[OW + j], 1, LANES)], offset,
+                                   x[m, T.Ramp(words[OW + j] + LANES, 1, LANES)])
+
+
+@T.macro(hygienic=False)
+def _add_slot(acc, data, x, words, offsets, a, j, M, V, OW, G, R):
+    """acc[m, a] += slot j's weights times x's window, for every row m."""
+    for m in T.unroll(M):
+        acc[m, a, T.Ramp(0, 1, V)] = acc[m, a, T.Ramp(0, 1, V)] + \
+            data[j, T.Ramp(0, 1, V)] * _window(x, m, words, offsets, OW, j, G, R)
 
 
 def windowed_gemv(s: BsrMatmulShape, accumulators: int, epilogue: Epilogue):
@@ -156,15 +166,9 @@ def windowed_gemv(s: BsrMatmulShape, accumulators: int, epilogue: Epilogue):
                     acc[m, a, T.Ramp(0, 1, V)] = T.Broadcast(T.cast(0, dtype), V)
             for q in range((slots[g + 1] - slots[g]) // A):
                 for a in T.unroll(A):
-                    for m in T.unroll(M):
-                        acc[m, a, T.Ramp(0, 1, V)] = acc[m, a, T.Ramp(0, 1, V)] + \
-                            data[slots[g] + q * A + a, T.Ramp(0, 1, V)] * \
-                            _window(x, m, words[OW + slots[g] + q * A + a], offsets, slots[g] + q * A + a, G, R)
+                    _add_slot(acc, data, x, words, offsets, a, slots[g] + q * A + a, M, V, OW, G, R)
             for t in range((slots[g + 1] - slots[g]) % A):
-                for m in T.unroll(M):
-                    acc[m, 0, T.Ramp(0, 1, V)] = acc[m, 0, T.Ramp(0, 1, V)] + \
-                        data[slots[g + 1] - t - 1, T.Ramp(0, 1, V)] * \
-                        _window(x, m, words[OW + slots[g + 1] - t - 1], offsets, slots[g + 1] - t - 1, G, R)
+                _add_slot(acc, data, x, words, offsets, 0, slots[g + 1] - t - 1, M, V, OW, G, R)
             for m in T.unroll(M):
                 for a in T.unroll(1, A):
                     acc[m, 0, T.Ramp(0, 1, V)] = acc[m, 0, T.Ramp(0, 1, V)] + acc[m, a, T.Ramp(0, 1, V)]
