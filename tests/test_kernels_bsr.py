@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from prune2tvm.compile.build import cuda_sources
 from prune2tvm.compile.kernels.bsr_matmul import (FLT_MAX, GEMV_MAX_ROWS, NO_EPILOGUE, BsrMatmulShape, Epilogue,
-                                                  STAGE_ROW_COLUMNS, bsr_matmul_cpu, bsr_matmul_cuda, default_stage,
+                                                  STAGE_ROW_COLUMNS, bsr_matmul_cpu, bsr_matmul_cuda, default_groups,
+                                                  default_stage,
                                                   search_space, staged_groups)
 from prune2tvm.compile.kernels.windowed_gemv import window_layout, window_to_dense, windowed
 from prune2tvm.sparse import BsrMatrix, block_sparsity, bsr_matmul_reference
@@ -101,6 +102,32 @@ def test_many_rows_staged_row_by_row_match_numpy(m, n, block, panels, stage):
     got = run_cpu(x, BsrMatrix.from_dense(w, block), bias=bias, epilogue=Epilogue(0.0, FLT_MAX), panels=panels,
                   stage=stage)
     np.testing.assert_allclose(got, np.maximum(x @ w.T + bias, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_tasks_split_the_block_rows_only_where_tiles_are_too_few_for_the_cores():
+    """Each many-rows task packs its tile of x: tiles alone where there are enough of them."""
+    shape = BsrMatmulShape(128, 3072, 768, (16, 1), 1)  # 4 tiles of 32 rows
+    assert default_groups(shape, 16, None, 0, None) == 1
+    assert default_groups(shape, 16, None, 0, 2) == 1
+    assert default_groups(shape, 16, None, 0, 16) == 4  # 16 tasks
+    assert default_groups(shape, 16, None, 0, 3) == 3  # 12 tasks: 4 per core
+    assert default_groups(BsrMatmulShape(20, 64, 128, (16, 1), 1), 16, None, STAGE_ROW_COLUMNS, 2) == 1  # 1 stage
+    assert default_groups(BsrMatmulShape(20, 64, 256, (4, 1), 1), 16, 1, 0, 2) == 1  # 2 tiles of 16 rows
+    assert default_groups(BsrMatmulShape(20, 64, 256, (4, 1), 1), 16, 2, 0, 2) == 2  # 1 tile of 32
+
+
+@pytest.mark.parametrize("m, k, n, block, lanes, cores, stage", [
+    (40, 48, 256, (16, 1), 16, 4, STAGE_ROW_COLUMNS),  # 2 tiles x 2 groups of one stage each
+    (37, 50, 64, (4, 1), 16, 3, 0),  # 16 x 16 blocks of x and the edges, 3 groups of block rows
+    (33, 40, 96, (8, 1), 8, 4, 0),  # 8 lanes: the tile gathered element by element
+])
+def test_many_rows_tasks_over_groups_of_block_rows_match_numpy(m, k, n, block, lanes, cores, stage):
+    rng = np.random.default_rng(m + n)
+    w = block_sparse_weight(rng, n, k, block, 0.6, empty_rows=[1])
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bsr = BsrMatrix.from_dense(w, block)
+    assert default_groups(BsrMatmulShape(m, k, n, block, bsr.nnzb), lanes, None, stage, cores) > 1
+    np.testing.assert_allclose(run_cpu(x, bsr, lanes, cores=cores, stage=stage), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
 def test_which_many_rows_kernels_stage_their_rows():

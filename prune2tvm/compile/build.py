@@ -403,6 +403,8 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
         # No GPU conv kernel yet: convs stay dense there (dlight schedules them).
     else:
         lanes = simd_lanes(target)
+        target_spec = resolved_target_dict(target)
+        cores = int(target_spec.get("num-cores") or 0) or None  # how many tasks the many-rows kernels make
 
         def tunable(func, key: str):
             return func.with_attr(TUNING_KEY, key)
@@ -428,9 +430,9 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
             params = tuned_params(key, lambda: BsrKernelSpec(
                 key, f"matmul {rows}x{shape.inputs}->{shape.outputs} {shape.block[0]}x{shape.block[1]} "
                 f"({bsr.nnzb} blocks{f', {shape.slots} windowed slots' if shape.slots else ''})",
-                lambda p: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, **p),
+                lambda p: bsr_matmul_cpu(shape, lanes, epilogue=NO_EPILOGUE, cores=cores, **p),
                 search_space(shape, lanes), arrays, [rows, shape.inputs], [rows, shape.outputs], shape.outputs))
-            return tunable(bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, **params), key)
+            return tunable(bsr_matmul_cpu(shape, lanes=lanes, epilogue=epilogue, cores=cores, **params), key)
 
         def conv_kernel(shape, epilogue, data, indptr, offsets):
             key = kernel_key("conv2d", shape, lanes, [indptr, offsets])
@@ -447,7 +449,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
 
         mod, conv_decisions = sparsify_conv2d(mod, block, threshold, conv_kernel, names, select, kernels,
                                               depthwise_kernel, pack, lanes,
-                                              wrap_min_rows(str(resolved_target_dict(target).get("mcpu", ""))))
+                                              wrap_min_rows(str(target_spec.get("mcpu", ""))))
     mod, dense_decisions = sparsify_dense(mod, block, threshold, kernel, names, select, kernels,
                                           pack and target.kind != "cuda",
                                           None if target.kind == "cuda" else (lambda rows, bsr: layout(rows, bsr)[1]))

@@ -7,10 +7,10 @@ Two CPU kernels, chosen by the number of activation rows M:
   FMA chain is latency-bound), each vectorised across the R outputs of a block. (One
   vector over A*R lanes with a gather of x was tried: 2.7x slower, LLVM does not
   vectorise the b // R indexing well.)
-* many rows (e.g. 128 tokens): x is packed once into panels of LANES rows, transposed, so
-  that one input position of LANES rows is one vector; then in parallel over
-  (block row, panel tile) pairs, every nonzero weight is broadcast and multiplied into
-  R x U vector accumulators. The accumulators hold the output transposed (a vector is one
+* many rows (e.g. 128 tokens): in parallel over tiles of U panels of LANES rows (and, where
+  there are too few tiles for the cores, groups of block rows), each task packs its tile of x
+  transposed, so that one input position of LANES rows is one vector; then every nonzero
+  weight is broadcast and multiplied into R x U vector accumulators. The accumulators hold the output transposed (a vector is one
   output of 16 rows): blocks of 4 or 8 rows are transposed back with in-lane shuffles
   (``_store_transposed``); blocks of 1 or 2 rows, whose stores would be 4 or 8 bytes per row,
   go through a task-local stage and reach ``out`` as whole 64-byte lines
@@ -70,23 +70,6 @@ PAIR_LO = _lanes(lambda l: (4 * l, 4 * l + 1, 16 + 4 * l, 17 + 4 * l))
 PAIR_HI = _lanes(lambda l: (4 * l + 2, 4 * l + 3, 18 + 4 * l, 19 + 4 * l))
 
 
-def _transposed_rows(acc, u, rc):
-    """The 16 x ``rc`` transpose of acc[u, 0:rc, 0:16] as PrimExprs, never bound to names (a
-    name assigned in TVMScript becomes a buffer, i.e. a heap workspace per task): for j in
-    0..3 and each half h, a 16-lane vector whose 128-bit lane l holds row 4l + j, outputs
-    4h..4h+3."""
-    def a(r):
-        return acc.vload([u, r, 0], "float32x16")
-
-    rows = []
-    for h in range(rc // 4):
-        t = [T.Shuffle([a(4 * h + p), a(4 * h + p + 1)], idx) for p in (0, 2) for idx in (UNPACK_LO, UNPACK_HI)]
-        # t: [lo(0,1), hi(0,1), lo(2,3), hi(2,3)]
-        rows.append([T.Shuffle([t[0], t[2]], PAIR_LO), T.Shuffle([t[0], t[2]], PAIR_HI),
-                     T.Shuffle([t[1], t[3]], PAIR_LO), T.Shuffle([t[1], t[3]], PAIR_HI)])
-    return rows
-
-
 def _row(rows, j, lane):
     """Row 4 * lane + j of the transpose: its rc outputs as one vector."""
     parts = [rows[h][j] for h in range(len(rows))]
@@ -95,47 +78,58 @@ def _row(rows, j, lane):
     return T.Shuffle(parts, [16 * h + 4 * lane + i for h in range(len(parts)) for i in range(4)])
 
 
+def _emit_store_transposed(out, acc, u, rc, row, col):
+    """acc[u, 0:rc, 0:16] -> out[row + v, col:col + rc], rc 4 or 8: 4x4-block transposes in
+    in-lane shuffles, then 16 stores of rc lanes. Each shuffle is bound to a name once
+    (``T.bind``): written as one expression per store, LLVM narrowed every copy differently and
+    could no longer share them."""
+    def a(r):
+        return acc.vload([u, r, 0], "float32x16")
+
+    rows = []
+    for h in range(rc // 4):
+        t = [T.bind(T.Shuffle([a(4 * h + p), a(4 * h + p + 1)], idx)) for p in (0, 2) for idx in (UNPACK_LO, UNPACK_HI)]
+        # t: [lo(0,1), hi(0,1), lo(2,3), hi(2,3)]
+        rows.append([T.bind(T.Shuffle([t[0], t[2]], PAIR_LO)), T.bind(T.Shuffle([t[0], t[2]], PAIR_HI)),
+                     T.bind(T.Shuffle([t[1], t[3]], PAIR_LO)), T.bind(T.Shuffle([t[1], t[3]], PAIR_HI))])
+    for lane in range(4):
+        for j in range(4):
+            T.buffer_store(out, _row(rows, j, lane), [row + 4 * lane + j, T.Ramp(col, 1, rc)])
+
+
 @T.macro(hygienic=False)
 def _store_transposed(out, acc, u, rc, row, col):
-    """acc[u, 0:rc, 0:16] -> out[row + v, col:col + rc], rc 4 or 8: 4x4-block transposes in
-    in-lane shuffles, then 16 stores of rc lanes. LLVM's lowering of the same gather written
-    as a loop took about 150 instructions per 4 x 16; the kernel's code shrank from 873 to 533
-    instructions (128 x 3072 at 4x1, about 5 % faster alone)."""
-    for lane in T.unroll(4):
-        T.buffer_store(out, _row(_transposed_rows(acc, u, rc), 0, lane), [row + 4 * lane, T.Ramp(col, 1, rc)])
-        T.buffer_store(out, _row(_transposed_rows(acc, u, rc), 1, lane), [row + 4 * lane + 1, T.Ramp(col, 1, rc)])
-        T.buffer_store(out, _row(_transposed_rows(acc, u, rc), 2, lane), [row + 4 * lane + 2, T.Ramp(col, 1, rc)])
-        T.buffer_store(out, _row(_transposed_rows(acc, u, rc), 3, lane), [row + 4 * lane + 3, T.Ramp(col, 1, rc)])
+    """acc[u, 0:rc, 0:16] -> out[row + v, col:col + rc] (``_emit_store_transposed``). LLVM's
+    lowering of the same gather written as a loop took about 150 instructions per 4 x 16."""
+    _emit_store_transposed(out, acc, u, rc, row, col)
 
 
-def _x_transposed(x, row, col, j, lane):
-    """x[row:row + 16, col + 4 * lane + j] as one vector, from a 16 x 16 in-register transpose
-    of x[row:row + 16, col:col + 16] written as PrimExprs (LLVM shares the common parts)."""
-    def r(i):
-        return x.vload([row + i, col], "float32x16")
-
-    def t(i):  # pairs of rows interleaved: t(2m) low halves, t(2m + 1) high halves of rows 2m, 2m + 1
-        return T.Shuffle([r(i - i % 2), r(i - i % 2 + 1)], UNPACK_HI if i % 2 else UNPACK_LO)
-
-    def s(q):  # lane l: rows 4q .. 4q + 3 at column 4l + j
-        return T.Shuffle([t(4 * q + j // 2), t(4 * q + 2 + j // 2)], PAIR_HI if j % 2 else PAIR_LO)
-
-    return T.Shuffle([s(q) for q in range(4)], [16 * q + 4 * lane + i for q in range(4) for i in range(4)])
+def _lanes_of(a, b, la, lb):
+    """128-bit lanes la[0], la[1] of a, then lb[0], lb[1] of b (one vshuff32x4)."""
+    return T.Shuffle([a, b], [4 * lane + i for lane in la for i in range(4)] +
+                     [16 + 4 * lane + i for lane in lb for i in range(4)])
 
 
-@T.macro(hygienic=False)
-def _gather_panels(x, panels, M, K, PP, V, dtype, at):
-    """panels[p, k, v] = x[p * V + v, k] (zero past row M), stored at ``at(p, k, v)``, element
-    by element (any V)."""
-    for pk in T.parallel(PP * K):
-        for v in T.vectorized(V):
-            T.buffer_store(panels, T.if_then_else((pk // K) * V + v < M, x[T.min((pk // K) * V + v, M - 1), pk % K],
-                                                  T.cast(0, dtype)), at(pk // K, pk % K, v))
-
-
-def _panel_major(p, k, v):
-    """Index of panels[p, k, v] in the panel-major layout [panels, K, V]."""
-    return [p, k, v]
+def _transpose16(load, store):
+    """A 16 x 16 transpose in registers: ``store(k, vector)`` gets column k of the 16 rows
+    ``load(i)``. Four stages of 16 two-input shuffles (unpack ps, unpack pd, two of 128-bit
+    lanes), each bound to a name once (``T.bind``): written as one expression per column,
+    LLVM narrowed each copy differently and emitted about twice the shuffles, plus spills."""
+    r = [T.bind(load(i)) for i in range(16)]
+    t = []  # t[2m], t[2m + 1]: rows 2m, 2m + 1 interleaved, low and high halves of each 128-bit lane
+    for m in range(8):
+        t += [T.bind(T.Shuffle([r[2 * m], r[2 * m + 1]], UNPACK_LO)),
+              T.bind(T.Shuffle([r[2 * m], r[2 * m + 1]], UNPACK_HI))]
+    # s[q][j], lane l: rows 4q .. 4q + 3 at column 4l + j
+    s = [[T.bind(T.Shuffle([t[4 * q + j // 2], t[4 * q + 2 + j // 2]], PAIR_HI if j % 2 else PAIR_LO))
+          for j in range(4)] for q in range(4)]
+    for j in range(4):
+        # a[h], b[h]: lanes h and h + 2 of s[0][j], s[1][j] (of s[2][j], s[3][j])
+        a = [T.bind(_lanes_of(s[0][j], s[1][j], (h, h + 2), (h, h + 2))) for h in range(2)]
+        b = [T.bind(_lanes_of(s[2][j], s[3][j], (h, h + 2), (h, h + 2))) for h in range(2)]
+        for lane in range(4):
+            pick = (lane // 2, lane // 2 + 2)
+            store(4 * lane + j, _lanes_of(a[lane % 2], b[lane % 2], pick, pick))
 
 
 def _k_major(p, k, v):
@@ -147,7 +141,7 @@ def _k_major(p, k, v):
 @T.macro(hygienic=False)
 def _pack_panels(x, panels, M, K, PP, V, dtype, at):
     """panels[p, k, v] = x[p * 16 + v, k] (zero past row M), V = 16, stored at ``at(p, k, v)``
-    (``_panel_major`` or ``_k_major``), in parallel over blocks of 16 x 16: a whole block is
+    (``_k_major``), in parallel over blocks of 16 x 16: a whole block is
     loaded as 16 row vectors and transposed with shuffles (about 6 instructions per vector,
     where the column gather it replaces took about 32); blocks at the edges of x are gathered
     element by element."""
@@ -159,11 +153,8 @@ def _pack_panels(x, panels, M, K, PP, V, dtype, at):
 def _pack_block(x, panels, M, K, V, dtype, at, p, k0):
     """Panel p, columns k0 .. k0 + 15 of x (see ``_pack_panels``)."""
     if T.And((p + 1) * 16 <= M, k0 + 16 <= K):
-        for lane in T.unroll(4):  # j (the 4th argument) must be a number: it picks shuffles
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 0, lane), at(p, k0 + 4 * lane, T.Ramp(0, 1, 16)))
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 1, lane), at(p, k0 + 4 * lane + 1, T.Ramp(0, 1, 16)))
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 2, lane), at(p, k0 + 4 * lane + 2, T.Ramp(0, 1, 16)))
-            T.buffer_store(panels, _x_transposed(x, p * 16, k0, 3, lane), at(p, k0 + 4 * lane + 3, T.Ramp(0, 1, 16)))
+        _transpose16(lambda i: x.vload([p * 16 + i, k0], "float32x16"),
+                     lambda k, column: T.buffer_store(panels, column, at(p, k0 + k, T.Ramp(0, 1, 16))))
     else:
         for kk in range(16):
             if k0 + kk < K:
@@ -247,12 +238,13 @@ class BsrMatmulShape:
 
 
 def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4, epilogue: Epilogue = NO_EPILOGUE,
-                   panels: int | None = None, stage: int | None = None):
+                   panels: int | None = None, stage: int | None = None, cores: int | None = None):
     """The CPU kernel for ``shape``; ``lanes`` is the SIMD width in float32 elements.
     Arguments: x [M, K], data [nnzb, R, C], indices [nnzb], indptr [N/R + 1], bias [N], out [M, N].
     Tunable (``search_space``): ``accumulators`` for few rows; for many, ``panels`` (of ``lanes``
     rows per task) and ``stage`` (output columns a task stages and stores row by row; 0 = none,
-    None = ``default_stage``). A shape with ``slots`` takes the windowed layout's kernel."""
+    None = ``default_stage``). ``cores``: the target's, for how many tasks to make
+    (``default_groups``). A shape with ``slots`` takes the windowed layout's kernel."""
     if shape.slots:
         from prune2tvm.compile.kernels.windowed_gemv import windowed_gemv
 
@@ -265,7 +257,7 @@ def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4
     if stage and (stage != STAGE_ROW_COLUMNS or not can_stage(shape, lanes)):
         raise ValueError(f"stage={stage} is not possible for {shape} with {lanes} lanes: valid are 0 and, for "
                          f"blocks of 4 to 16 rows with outputs in multiples of {STAGE_ROW_COLUMNS}, {STAGE_ROW_COLUMNS}")
-    return _bsr_gemm(shape, lanes, epilogue, panels, stage)
+    return _bsr_gemm(shape, lanes, epilogue, panels, stage, default_groups(shape, lanes, panels, stage, cores))
 
 
 def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
@@ -355,18 +347,38 @@ def default_stage(s: BsrMatmulShape, lanes: int) -> int:
     return STAGE_ROW_COLUMNS if can_stage(s, lanes) and (s.outputs * 4) % 4096 == 0 else 0
 
 
-def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | None = None, stage: int = 0):
-    """Each task takes one block row and U panels of V rows; the block's R outputs are done
-    RC at a time, with RC*U vector accumulators in flight (each nonzero weight broadcast once
-    per panel). The accumulators are two buffers (panels [0, UA) and [UA, U)), each under
-    TVM's stack-allocation limit, so U can reach 4 with RC = 4 (measured 10-15 % faster at
-    128 rows than 3 panels in one buffer).
+def default_groups(s: BsrMatmulShape, lanes: int, panels: int | None, stage: int, cores: int | None) -> int:
+    """Tasks per panel tile of ``_bsr_gemm`` (groups of block rows): as few as give every core
+    a task and the cores equal shares (or at least 4 tasks each), since each task packs its tile
+    of x anew."""
+    units = s.block_rows // (stage // s.block[0] if stage else 1)
+    tiles = -(-(-(-s.rows // lanes)) // (panels or accumulator_tiling(s.block[0], -(-s.rows // lanes), lanes)[1]))
+    if not cores or cores <= 1:
+        return 1
+    for g in (d for d in range(1, units + 1) if units % d == 0):
+        if tiles * g >= cores and (tiles * g % cores == 0 or tiles * g >= 4 * cores):
+            return g
+    return units
 
-    With ``stage`` (a multiple of R), a task takes stage / R consecutive block rows instead
-    of one, transposes their results into a task-local stage [U*V rows, stage columns] and
-    then copies it to ``out`` row by row (see ``default_stage``). 128 x 768->3072 at 90 %: 4x1
-    0.449 ms (0.261 with 2 panels) -> 0.172, 16x1 0.165 -> 0.161; where rows do not alias,
-    within 2 %."""
+
+def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | None = None, stage: int = 0,
+              groups: int = 1):
+    """Each task takes a tile of U panels of V rows and ``groups``-th of the block rows: it packs
+    its tile of x (transposed, so that one input position of V rows is one vector) into a
+    task-local buffer, then goes over its block rows. A block's R outputs are done RC at a time,
+    with RC*U vector accumulators in flight (each nonzero weight broadcast once per panel). The
+    accumulators are two buffers (panels [0, UA) and [UA, U)), each under TVM's
+    stack-allocation limit, so U can reach 4 with RC = 4 (measured 10-15 % faster at 128 rows
+    than 3 panels in one buffer).
+
+    Packing per task instead of all of x up front, and the pack's shuffles written once each
+    (``_transpose16``): 128 x 3072->768 at 90 % with 16x1 blocks, 0.159 -> 0.146 ms (the pack
+    alone 21 -> 17 us; 768->3072, 0.156 -> 0.148).
+
+    With ``stage`` (a multiple of R), the block rows go stage / R at a time: their results are
+    transposed into a task-local stage [U*V rows, stage columns], then copied to ``out`` row by
+    row (see ``default_stage``). 128 x 768->3072 at 90 %: 4x1 0.449 ms (0.261 with 2 panels)
+    -> 0.172, 16x1 0.165 -> 0.161; where rows do not alias, within 2 %."""
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     V = lanes
@@ -377,13 +389,16 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
     UB = U - UA
     UB1 = max(UB, 1)
     PT = (P + U - 1) // U  # panel tiles
-    PP = PT * U  # panels, padded to a whole number of tiles
     LO, HI = epilogue.low, epilogue.high
     SHUFFLE = RC in (4, 8) and V == 16 and dtype == "float32"
-    pack = _pack_panels if V == 16 and dtype == "float32" else _gather_panels
+    WHOLE = V == 16 and dtype == "float32"  # the tile is packed 16 x 16 at a time in registers
+    KB = (K + 15) // 16
 
-    G = stage // R if stage else 1  # block rows per task
-    NG = NB // G
+    SG = stage // R if stage else 1  # block rows per stage
+    if NB % (SG * groups):
+        raise ValueError(f"groups={groups} does not divide the {NB // SG} {'stages' if stage else 'block rows'} of {s}")
+    G = NB // groups  # block rows per task
+    NG = groups
     ST = max(stage, 1)
     STAGED = stage > 0
 
@@ -392,34 +407,47 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
                  indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
                  bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        panels = T.alloc_buffer((PP, K, V), dtype)
-        pack(x, panels, M, K, PP, V, dtype, _panel_major)
         for it in T.parallel(NG * PT):
+            panels = T.alloc_buffer((U, K, V), dtype)  # this task's tile of x, panel-major
             staged = T.alloc_buffer((U * V, ST), dtype)
-            for g in range(G):
-                for rc in range(R // RC):
-                    acc = T.alloc_buffer((UA, RC, V), dtype)
-                    acc2 = T.alloc_buffer((UB1, RC, V), dtype)
-                    _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, indptr[(it % NG) * G + g],
-                                indptr[(it % NG) * G + g + 1], rc, C,
-                                lambda u, k, v: panels[(it // NG) * U + u, k, v])
-                    _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias, ((it % NG) * G + g) * R + rc * RC, LO, HI)
-                    # Unrolled, so the accumulators never leave registers (a loop here makes LLVM
-                    # keep them in memory too, zeroed by a memset per task that cost more than the
-                    # work at high sparsity).
-                    if STAGED:
-                        for u in T.unroll(UA):
-                            _store_transposed(staged, acc, u, RC, u * V, g * R + rc * RC)
-                        for u in T.unroll(UB):
-                            _store_transposed(staged, acc2, u, RC, (UA + u) * V, g * R + rc * RC)
-                    else:
-                        _store_panels(out, acc, 0, UA, M, V, RC, SHUFFLE, (it // NG) * U, (it % NG) * R + rc * RC)
-                        _store_panels(out, acc2, UA, UB, M, V, RC, SHUFFLE, (it // NG) * U, (it % NG) * R + rc * RC)
-            if STAGED:
-                for row in range(U * V):
-                    if (it // NG) * U * V + row < M:
-                        for w in T.vectorized(ST):
-                            out[(it // NG) * U * V + row, (it % NG) * ST + w] = staged[row, w]
+            if WHOLE:
+                for t in range(U * KB):
+                    _pack_block(x, panels, M, K, V, dtype, lambda p, k, v: [p - (it // NG) * U, k, v],
+                                (it // NG) * U + t // KB, t % KB * 16)
+            else:
+                for uk in range(U * K):
+                    for v in T.vectorized(V):
+                        panels[uk // K, uk % K, v] = T.if_then_else(
+                            ((it // NG) * U + uk // K) * V + v < M,
+                            x[T.min(((it // NG) * U + uk // K) * V + v, M - 1), uk % K], T.cast(0, dtype))
+            for sg in range(G // SG):
+                for g in range(SG):
+                    for rc in range(R // RC):
+                        acc = T.alloc_buffer((UA, RC, V), dtype)
+                        acc2 = T.alloc_buffer((UB1, RC, V), dtype)
+                        _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices,
+                                    indptr[(it % NG) * G + sg * SG + g], indptr[(it % NG) * G + sg * SG + g + 1], rc, C,
+                                    lambda u, k, v: panels[u, k, v])
+                        _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias,
+                                    ((it % NG) * G + sg * SG + g) * R + rc * RC, LO, HI)
+                        # Unrolled, so the accumulators never leave registers (a loop here makes
+                        # LLVM keep them in memory too, zeroed by a memset per task that cost more
+                        # than the work at high sparsity).
+                        if STAGED:
+                            for u in T.unroll(UA):
+                                _store_transposed(staged, acc, u, RC, u * V, g * R + rc * RC)
+                            for u in T.unroll(UB):
+                                _store_transposed(staged, acc2, u, RC, (UA + u) * V, g * R + rc * RC)
+                        else:
+                            _store_panels(out, acc, 0, UA, M, V, RC, SHUFFLE, (it // NG) * U,
+                                          ((it % NG) * G + sg * SG + g) * R + rc * RC)
+                            _store_panels(out, acc2, UA, UB, M, V, RC, SHUFFLE, (it // NG) * U,
+                                          ((it % NG) * G + sg * SG + g) * R + rc * RC)
+                if STAGED:
+                    for row in range(U * V):
+                        if (it // NG) * U * V + row < M:
+                            for w in T.vectorized(ST):
+                                out[(it // NG) * U * V + row, ((it % NG) * G + sg * SG) * R + w] = staged[row, w]
 
     return bsr_gemm
 
@@ -495,15 +523,9 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
             # 16 x 16 is transposed back with shuffles into whole 64-byte lines of out
             for u in range(U):
                 if ((it // NG) * U + u + 1) * V <= M:
-                    for lane in T.unroll(4):  # j (the 4th argument) must be a number: it picks shuffles
-                        T.buffer_store(out, _x_transposed(stage, 0, u * V, 0, lane),
-                                       [((it // NG) * U + u) * V + 4 * lane, T.Ramp((it % NG) * W, 1, W)])
-                        T.buffer_store(out, _x_transposed(stage, 0, u * V, 1, lane),
-                                       [((it // NG) * U + u) * V + 4 * lane + 1, T.Ramp((it % NG) * W, 1, W)])
-                        T.buffer_store(out, _x_transposed(stage, 0, u * V, 2, lane),
-                                       [((it // NG) * U + u) * V + 4 * lane + 2, T.Ramp((it % NG) * W, 1, W)])
-                        T.buffer_store(out, _x_transposed(stage, 0, u * V, 3, lane),
-                                       [((it // NG) * U + u) * V + 4 * lane + 3, T.Ramp((it % NG) * W, 1, W)])
+                    _transpose16(lambda i: stage.vload([i, u * V], "float32x16"),
+                                 lambda k, column: T.buffer_store(
+                                     out, column, [((it // NG) * U + u) * V + k, T.Ramp((it % NG) * W, 1, W)]))
                 else:
                     for v in range(V):
                         if ((it // NG) * U + u) * V + v < M:
