@@ -10,11 +10,11 @@ Two CPU kernels, chosen by the number of activation rows M:
 * many rows (e.g. 128 tokens): in parallel over tiles of U panels of LANES rows (and, where
   there are too few tiles for the cores, groups of block rows), each task packs its tile of x
   transposed, so that one input position of LANES rows is one vector; then every nonzero
-  weight is broadcast and multiplied into R x U vector accumulators. The accumulators hold the output transposed (a vector is one
-  output of 16 rows): blocks of 4 or 8 rows are transposed back with in-lane shuffles
-  (``_store_transposed``); blocks of 1 or 2 rows, whose stores would be 4 or 8 bytes per row,
-  go through a task-local stage and reach ``out`` as whole 64-byte lines
-  (``_bsr_gemm_staged``).
+  weight is broadcast and multiplied into R x U vector accumulators. The accumulators hold
+  the output transposed (a vector is one output of 16 rows): blocks of 4 or 8 rows are
+  transposed back with in-lane shuffles (``_store_transposed``); blocks of 1 or 2 rows, whose
+  stores would be 4 or 8 bytes per row, go through a task-local stage and reach ``out`` as
+  whole 64-byte lines (``_bsr_gemm_staged``).
 
 On AVX-512, few rows with blocks of 1, 2 or 4 outputs take a third kernel instead,
 ``windowed_gemv`` (16 outputs per vector, x looked up in registers), on its own layout;
@@ -351,10 +351,12 @@ def default_groups(s: BsrMatmulShape, lanes: int, panels: int | None, stage: int
     """Tasks per panel tile of ``_bsr_gemm`` (groups of block rows): as few as give every core
     a task and the cores equal shares (or at least 4 tasks each), since each task packs its tile
     of x anew."""
-    units = s.block_rows // (stage // s.block[0] if stage else 1)
-    tiles = -(-(-(-s.rows // lanes)) // (panels or accumulator_tiling(s.block[0], -(-s.rows // lanes), lanes)[1]))
     if not cores or cores <= 1:
         return 1
+    units = s.block_rows // (stage // s.block[0] if stage else 1)  # what a group is made of
+    vectors = (s.rows + lanes - 1) // lanes
+    per_tile = panels or accumulator_tiling(s.block[0], vectors, lanes)[1]
+    tiles = (vectors + per_tile - 1) // per_tile
     for g in (d for d in range(1, units + 1) if units % d == 0):
         if tiles * g >= cores and (tiles * g % cores == 0 or tiles * g >= 4 * cores):
             return g
