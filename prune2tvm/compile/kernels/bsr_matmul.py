@@ -219,6 +219,16 @@ def most_panels(chunk: int, lanes: int) -> int:
     return 2 * max(1, STACK_FLOATS // (chunk * lanes))
 
 
+def panel_tiling(rows: int, block_rows: int, lanes: int, panels: int | None = None) -> tuple[int, int, int]:
+    """(RC, U, tiles) of the many-rows kernels: chunks of RC block rows' outputs, U panels of
+    ``lanes`` activation rows per task (``panels`` if given), and how many tiles of U panels
+    cover ``rows``."""
+    vectors = (rows + lanes - 1) // lanes
+    chunk, most = accumulator_tiling(block_rows, vectors, lanes)
+    per_tile = panels or most
+    return chunk, per_tile, (vectors + per_tile - 1) // per_tile
+
+
 @dataclass(frozen=True)
 class BsrMatmulShape:
     rows: int  # M, activation rows
@@ -354,9 +364,7 @@ def default_groups(s: BsrMatmulShape, lanes: int, panels: int | None, stage: int
     if not cores or cores <= 1:
         return 1
     units = s.block_rows // (stage // s.block[0] if stage else 1)  # what a group is made of
-    vectors = (s.rows + lanes - 1) // lanes
-    per_tile = panels or accumulator_tiling(s.block[0], vectors, lanes)[1]
-    tiles = (vectors + per_tile - 1) // per_tile
+    tiles = panel_tiling(s.rows, s.block[0], lanes, panels)[2]
     for g in (d for d in range(1, units + 1) if units % d == 0):
         if tiles * g >= cores and (tiles * g % cores == 0 or tiles * g >= 4 * cores):
             return g
@@ -384,13 +392,10 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     V = lanes
-    P = (M + V - 1) // V  # panels of V rows
-    RC, U = accumulator_tiling(R, P, V)
-    U = panels or U
+    RC, U, PT = panel_tiling(M, R, V, panels)  # PT tiles of U panels of V rows
     UA = (U + 1) // 2
     UB = U - UA
     UB1 = max(UB, 1)
-    PT = (P + U - 1) // U  # panel tiles
     LO, HI = epilogue.low, epilogue.high
     SHUFFLE = RC in (4, 8) and V == 16 and dtype == "float32"
     WHOLE = V == 16 and dtype == "float32"  # the tile is packed 16 x 16 at a time in registers
@@ -464,10 +469,7 @@ def staged_groups(s: BsrMatmulShape, lanes: int, panels: int | None = None) -> i
     # (staged: no faster at 4x1, 0.85x at 16x1); 1 or 2 rows stored 4 or 8 bytes per row
     if R > 2 or lanes != 16 or s.dtype != "float32" or s.outputs % STAGE_COLUMNS:
         return 0
-    P = (s.rows + lanes - 1) // lanes
-    _, U = accumulator_tiling(R, P, lanes)
-    U = panels or U
-    tasks = (s.outputs // STAGE_COLUMNS) * ((P + U - 1) // U)
+    tasks = (s.outputs // STAGE_COLUMNS) * panel_tiling(s.rows, R, lanes, panels)[2]
     return STAGE_COLUMNS // R if tasks >= 16 else 0
 
 
@@ -484,13 +486,10 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     V = lanes
-    P = (M + V - 1) // V
-    RC, U = accumulator_tiling(R, P, V)
-    U = panels or U
+    RC, U, PT = panel_tiling(M, R, V, panels)
     UA = (U + 1) // 2
     UB = U - UA
     UB1 = max(UB, 1)
-    PT = (P + U - 1) // U
     PP = PT * U
     G = STAGE_COLUMNS // R
     NG = NB // G  # groups of block rows: column groups of 16 outputs
