@@ -224,11 +224,12 @@ def test_windowed_layout_holds_exactly_the_matrix(n, k, r, sparsity, empty_rows)
     data, words, slots = window_layout(bsr)
     np.testing.assert_array_equal(window_to_dense((n, k), r, data, words, slots), w)
     assert len(slots) == n // 16 + 1 and data.shape[1] == 16
-    if bsr.nnzb:  # no slot wasted: every slot holds a weight
-        assert (data != 0).reshape(len(data), 16 // r, r).any(axis=(1, 2)).all()
+    assert len(data) % 2 == 0 and (slots % 2 == 0).all()  # slots come in pairs, one window each
+    if bsr.nnzb:  # no pair wasted: the first slot of every pair holds a weight
+        assert (data[::2] != 0).reshape(len(data) // 2, 16 // r, r).any(axis=(1, 2)).all()
     if sparsity == 0.9:  # greedy windows keep most lanes busy: about the bytes of the BSR arrays
         assert bsr.nnzb / data.size > 0.55 and data.nbytes + words.nbytes < 1.1 * (bsr.data.nbytes + bsr.indices.nbytes)
-    bases = words[-len(data):]  # windows start on whole 64-byte lines of x, or at K - 32
+    bases = words[-(len(data) // 2):]  # windows start on whole 64-byte lines of x, or at K - 32
     assert ((bases % 16 == 0) | (bases == k - 32)).all()
 
 
@@ -238,7 +239,8 @@ def test_windowed_layout_holds_exactly_the_matrix(n, k, r, sparsity, empty_rows)
     (4, 64, 100, 2, 0.5, 4),  # 4 rows; windows clamped at the end of x
     (3, 48, 32, 4, 0.0, 1),  # dense
     (2, 32, 40, 1, 1.0, 2),  # no block: the bias alone
-    (1, 32, 70, 4, 0.7, 2),  # slot counts not multiples of the accumulators
+    (1, 32, 70, 4, 0.7, 2),
+    (1, 64, 200, 1, 0.8, 8),  # pair counts not multiples of the 4 pairs a step takes
 ])
 def test_windowed_gemv_matches_numpy(m, n, k, r, sparsity, accumulators):
     rng = np.random.default_rng(m * n + k)
@@ -261,4 +263,4 @@ def test_which_layers_take_the_windowed_gemv():
     assert not takes(1, 72, 32, (1, 1)) and not takes(1, 64, 16, (1, 1))  # partial vectors; x narrower than a window
     assert not takes(1, 64, 32, (1, 1), lanes=8)  # no AVX-512
     assert search_space(BsrMatmulShape(1, 32, 64, (1, 1), 10, slots=5)) == [
-        {"accumulators": 4}, {"accumulators": 2}, {"accumulators": 1}]
+        {"accumulators": 4}, {"accumulators": 2}, {"accumulators": 8}, {"accumulators": 1}]

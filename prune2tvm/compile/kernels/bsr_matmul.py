@@ -273,7 +273,7 @@ def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4
 def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
     """The parameter sets a BSR kernel can be built with (the first is the default)."""
     if shape.slots:
-        return [{"accumulators": a} for a in (4, 2, 1)]
+        return [{"accumulators": a} for a in (4, 2, 8, 1)]
     if shape.rows <= GEMV_MAX_ROWS:
         return [{"accumulators": a} for a in (4, 1, 2, 8)]
     rc, default = accumulator_tiling(shape.block[0], (shape.rows + lanes - 1) // lanes, lanes)

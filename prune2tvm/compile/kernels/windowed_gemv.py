@@ -3,26 +3,34 @@
 
 The CSR-like GEMV (``bsr_matmul._bsr_gemv``) does one load of x per block: with 1x1 blocks,
 one scalar multiply-add per weight, about one weight per cycle. Here the weights of 16
-outputs (16 / R block rows of R outputs) are cut into *slots*: a slot holds, for each of
-its block rows, at most one block, all of whose columns lie in a window of ``WINDOW`` (32)
-inputs starting at the slot's ``base``. The kernel loads x[base : base + 32] as two vectors,
-picks each lane's input with one ``vpermi2ps`` (the lane's offset into the window is a byte),
-and multiplies the slot's 16 weights into one accumulator vector: one vector multiply-add
-for up to 16 weights. Slots are filled greedily: each window starts at the line of x (16
-inputs) that holds the smallest column still to place; lanes with nothing in the window hold
-a zero weight. At 90 % sparsity about 60 % of the lanes of 1x1 slots hold a weight (75 % for
-4x1), so the layout takes about as many bytes as CSR does (4 bytes of weight and 4 of index
-per weight).
+outputs (16 / R block rows of R outputs) are cut into *slots*, and slots come in *pairs*
+that share a window of ``WINDOW`` (32) inputs starting at the pair's ``base``: each slot
+holds, for each of its block rows, at most one block whose column lies in the window. The
+kernel loads x[base : base + 32] as two vectors once per pair; for each slot it picks each
+lane's input with one ``vpermi2ps`` (the lane's offset into the window is a byte) and
+multiplies the slot's 16 weights into an accumulator vector: one vector multiply-add for up
+to 16 weights. Pairs are filled greedily: each window starts at the line of x (16 inputs)
+that holds the smallest column still to place, and each block row puts its next block in
+the first slot and the one after it in the second, where they lie in the window; lanes with
+nothing hold a zero weight. At 90 % sparsity about 59 % of the lanes of 1x1 slots hold a
+weight (71 % for 4x1), and the layout takes about as many bytes as CSR does (4 bytes of
+weight and 4 of index per weight).
 
-Measured on Zen 5, kernel alone, CSR-like -> windowed, one row unless said: 768->3072 at 90 %,
-1x1 blocks 37.3 -> 10.2 us, 2x1 18.3 -> 9.2 us, 4x1 9.6 -> 8.1 us; 3072->768 at 90 %, 1x1
-34.4 -> 10.7 us, 4x1 9.5 -> 8.3 us; 768->3072 1x1 at 50 % 208 -> 43 us, at 95 % 18.8 -> 6.2 us;
-4 rows, 1x1 at 90 % 140 -> 23 us.
+Why pairs: the single-slot kernel was bound by its three vector loads per slot (weights and
+two of x). A pair of slots needs 6 % more slots at 4x1 (19572 -> 20810 at 768->3072) and
+one load of x per slot. Measured on Zen 5 at one row and 90 %, the call from Python
+(onnxruntime's dense MatMul about 62 us), single -> paired slots: 4x1 768->3072 9.5 ->
+8.7 us, 3072->768 9.5 -> 8.0 us; 2x1 10.3 -> 9.2 us; 1x1 11.1 -> 10.1 us (both shapes);
+1x1 at 50 % 40 -> 38 us; 4 rows, 1x1 (2 accumulators) 21.5 -> 15.6 us.
+
+Before that, CSR-like -> single slots, kernel alone: 768->3072 at 90 %, 1x1 blocks 37.3 ->
+10.2 us, 2x1 18.3 -> 9.2 us, 4x1 9.6 -> 8.1 us; 4 rows, 1x1 140 -> 23 us.
 
 Layout, ``window_layout``: ``data [S, 16]`` float32 (slot s, lane l: the weight of output
-16 g + l, g the slot's group); ``words [OW + S]`` int32: first the slots' block offsets into
-their windows as bytes, 16 / R per slot (OW words), then each slot's window start;
-``slots [N / 16 + 1]`` int32: group g owns slots slots[g] .. slots[g + 1] - 1.
+16 g + l, g the slot's group; S even); ``words [OW + S / 2]`` int32: first the slots' block
+offsets into their windows as bytes, 16 / R per slot (OW words), then each pair's window
+start; ``slots [N / 16 + 1]`` int32: group g owns slots slots[g] .. slots[g + 1] - 1 (pairs
+slots[g] / 2 ..).
 """
 
 from __future__ import annotations
@@ -66,8 +74,11 @@ def offset_words(slots: int, block_rows: int) -> int:
 
 def window_layout(bsr: BsrMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(data, words, slots) of ``bsr`` (see the module docstring); a matrix with no block gets
-    one zero slot so that no buffer is empty. Groups are filled side by side: one numpy step
-    places one slot of every group."""
+    one pair of zero slots so that no buffer is empty. Groups are filled side by side: one
+    numpy step places one pair of every group. The window starts at a multiple of 16 (whole
+    64-byte lines of x: unaligned, its two loads each split across lines, and the kernel took
+    9.4 us for 8.0 aligned, which need 10 % more slots), and never past K - 32, so that
+    x[base : base + 32] stays inside x."""
     R = bsr.block[0]
     n, k = bsr.shape
     G, groups = LANES // R, n // LANES
@@ -75,35 +86,41 @@ def window_layout(bsr: BsrMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     head = bsr.indptr[:-1].astype(np.int64).reshape(groups, G).copy()
     end = bsr.indptr[1:].astype(np.int64).reshape(groups, G)
     count = np.zeros(groups, np.int64)
-    placed = []  # per step: (group, slot within group, window start, block per block row or -1)
-    none = np.int64(k)
-    while True:
+    placed = []  # per step: (group, pair within group, window start, blocks of its two slots or -1)
+
+    def upcoming():  # (whether each block row has blocks left, the column of its next)
         live = head < end
-        if not live.any():
-            break
-        nxt = np.where(live, cols[np.minimum(head, max(len(cols) - 1, 0))], none)
+        return live, np.where(live, cols[np.minimum(head, max(len(cols) - 1, 0))], np.int64(k))
+
+    while (head < end).any():
+        live, nxt = upcoming()
         active = live.any(1)
-        # the window starts at a multiple of 16 (whole 64-byte lines of x: unaligned, its two
-        # loads each split across lines, and the kernel took 9.4 us for 8.0 aligned, in spite of
-        # the 10 % more slots), and never past K - 32, so that x[base : base + 32] stays inside x
         base = np.minimum(nxt.min(1) // LANES * LANES, k - WINDOW)
-        take = live & (nxt < (base + WINDOW)[:, None])
+        halves = []
+        for _ in range(2):
+            live, nxt = upcoming()
+            take = live & (nxt < (base + WINDOW)[:, None])
+            halves.append(np.where(take, head, -1)[active])
+            head += take
         group = np.nonzero(active)[0]
-        placed.append((group, count[group], base[group], np.where(take, head, -1)[group]))
+        placed.append((group, count[group], base[group], *halves))
         count += active
-        head += take
     starts = np.zeros(groups + 1, np.int64)
     np.cumsum(count, out=starts[1:])
-    total = max(int(starts[-1]), 1)
+    pairs = max(int(starts[-1]), 1)
+    total = 2 * pairs
     data = np.zeros((total, G, R), np.float32)
     offsets = np.zeros((total, G), np.uint8)
-    bases = np.zeros(total, np.int32)
-    for group, nth, base, block in placed:
-        slot = starts[group] + nth
-        bases[slot] = base
-        has = block >= 0
-        data[slot] = np.where(has[:, :, None], bsr.data[np.maximum(block, 0), :, 0], 0)
-        offsets[slot] = np.where(has, cols[np.maximum(block, 0)] - base[:, None], 0)
+    bases = np.zeros(pairs, np.int32)
+    for group, nth, base, *blocks in placed:
+        pair = starts[group] + nth
+        bases[pair] = base
+        for half, block in enumerate(blocks):
+            slot = 2 * pair + half
+            has = block >= 0
+            data[slot] = np.where(has[:, :, None], bsr.data[np.maximum(block, 0), :, 0], 0)
+            offsets[slot] = np.where(has, cols[np.maximum(block, 0)] - base[:, None], 0)
+    starts *= 2
     packed = np.zeros(offset_words(total, G) * 4, np.uint8)
     packed[:offsets.size] = offsets.reshape(-1)
     return data.reshape(total, LANES), np.concatenate([packed.view(np.int32), bases]), starts.astype(np.int32)
@@ -115,7 +132,7 @@ def window_to_dense(shape: tuple[int, int], block_rows: int, data: np.ndarray, w
     R, S = block_rows, data.shape[0]
     G, ow = LANES // R, offset_words(data.shape[0], LANES // block_rows)
     offsets = words[:ow].view(np.uint8)[:S * G].reshape(S, G).astype(np.int64)
-    bases = words[ow:].astype(np.int64)
+    bases = np.repeat(words[ow:].astype(np.int64), 2)  # one window per pair of slots
     out = np.zeros(shape, np.float32)
     for g in range(len(slots) - 1):
         for s in range(slots[g], slots[g + 1]):
@@ -125,37 +142,41 @@ def window_to_dense(shape: tuple[int, int], block_rows: int, data: np.ndarray, w
 
 
 def _window(x, m, words, offsets, OW, j, G, R):
-    """x[m, base + offset] for each lane of slot j (base = words[OW + j]): two vectors of x and
-    one vpermi2ps."""
+    """x[m, base + offset] for each lane of slot j (base = words[OW + j // 2], shared by the
+    slots of a pair): two vectors of x and one vpermi2ps."""
     offset = T.cast(offsets[T.Ramp(j * G, 1, G)], f"int32x{G}")
     if R > 1:  # each block row's offset to its R lanes
         offset = T.Shuffle([offset] * R, [lane // R for lane in range(LANES)])
+    base = words[OW + j // 2]
     return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
-                                   x[m, T.Ramp(words[OW + j], 1, LANES)], offset,
-                                   x[m, T.Ramp(words[OW + j] + LANES, 1, LANES)])
+                                   x[m, T.Ramp(base, 1, LANES)], offset, x[m, T.Ramp(base + LANES, 1, LANES)])
 
 
 @T.macro(hygienic=False)
-def _add_slot(acc, data, x, words, offsets, a, j, M, V, OW, G, R):
-    """acc[m, a] += slot j's weights times x's window, for every row m."""
+def _add_pair(acc, data, x, words, offsets, a, b, p, M, V, OW, G, R):
+    """acc[m, a] += slot 2p's weights times x's window, acc[m, b] += slot 2p + 1's, for every row m."""
     for m in T.unroll(M):
         acc[m, a, T.Ramp(0, 1, V)] = acc[m, a, T.Ramp(0, 1, V)] + \
-            data[j, T.Ramp(0, 1, V)] * _window(x, m, words, offsets, OW, j, G, R)
+            data[2 * p, T.Ramp(0, 1, V)] * _window(x, m, words, offsets, OW, 2 * p, G, R)
+        acc[m, b, T.Ramp(0, 1, V)] = acc[m, b, T.Ramp(0, 1, V)] + \
+            data[2 * p + 1, T.Ramp(0, 1, V)] * _window(x, m, words, offsets, OW, 2 * p + 1, G, R)
 
 
 def windowed_gemv(s: BsrMatmulShape, accumulators: int, epilogue: Epilogue):
     """The kernel: ``s.slots`` slots; arguments x [M, K], data [S, 16], words, slots, bias [N],
-    out [M, N]. Parallel over groups of 16 outputs; ``accumulators`` vectors per row of x
-    take turns over the slots (one multiply-add chain is latency-bound)."""
+    out [M, N]. Parallel over groups of 16 outputs; ``accumulators`` vectors per row of x take
+    turns over the slots (one multiply-add chain is latency-bound), a pair's two slots in two
+    of them (in one, with a single accumulator)."""
     M, K, N, S, dtype = s.rows, s.inputs, s.outputs, s.slots, s.dtype
     R, A, V = s.block[0], accumulators, LANES
+    P = max(A // 2, 1)  # pairs per step
     G, NG = V // R, s.outputs // V
     OW = offset_words(S, G)
     LO, HI = epilogue.low, epilogue.high
 
     @T.prim_func(private=True)
     def bsr_gemv_windowed(x: T.Buffer((M, K), dtype), data: T.Buffer((S, V), dtype),
-                          words: T.Buffer((OW + S,), "int32"), slots: T.Buffer((NG + 1,), "int32"),
+                          words: T.Buffer((OW + S // 2,), "int32"), slots: T.Buffer((NG + 1,), "int32"),
                           bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         offsets = T.decl_buffer((OW * 4,), "uint8", data=words.data)
@@ -164,11 +185,12 @@ def windowed_gemv(s: BsrMatmulShape, accumulators: int, epilogue: Epilogue):
             for m in T.unroll(M):
                 for a in T.unroll(A):
                     acc[m, a, T.Ramp(0, 1, V)] = T.Broadcast(T.cast(0, dtype), V)
-            for q in range((slots[g + 1] - slots[g]) // A):
-                for a in T.unroll(A):
-                    _add_slot(acc, data, x, words, offsets, a, slots[g] + q * A + a, M, V, OW, G, R)
-            for t in range((slots[g + 1] - slots[g]) % A):
-                _add_slot(acc, data, x, words, offsets, 0, slots[g + 1] - t - 1, M, V, OW, G, R)
+            for q in range((slots[g + 1] - slots[g]) // (2 * P)):
+                for a in T.unroll(P):
+                    _add_pair(acc, data, x, words, offsets, (2 * a) % A, (2 * a + 1) % A,
+                              slots[g] // 2 + q * P + a, M, V, OW, G, R)
+            for t in range((slots[g + 1] - slots[g]) // 2 % P):
+                _add_pair(acc, data, x, words, offsets, 0, 1 % A, slots[g + 1] // 2 - t - 1, M, V, OW, G, R)
             for m in T.unroll(M):
                 for a in T.unroll(1, A):
                     acc[m, 0, T.Ramp(0, 1, V)] = acc[m, 0, T.Ramp(0, 1, V)] + acc[m, a, T.Ramp(0, 1, V)]
