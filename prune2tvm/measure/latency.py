@@ -4,11 +4,13 @@ The machines are shared and noisy, so backends are measured in alternating round
 A, B, ...) rather than one after the other: a slow spell hits both.
 
 Each round starts with unrecorded calls of the backend about to be timed, for at least
-``settle_ms``. Both TVM's and onnxruntime's thread pools keep spinning after their last call
-(measured here: TVM about 70 ms, onnxruntime about 35 ms); on a 2-core machine the spinning
-threads of the backend just timed take a core from the next one (TVM's 2-thread BSR GEMM
-then ran at its 1-thread speed). Sleeping instead of settling was measured worse: an idle
-VM's cores come back slow.
+``settle_ms``. Both TVM's and onnxruntime's thread pools keep spinning after their last call;
+on a 2-core machine the spinning threads of the backend just timed take a core from the next
+one (TVM's 2-thread BSR GEMM then ran at its 1-thread speed). TVM 0.27's workers yield 300000
+times before they sleep: 130 ms of a core when nothing else runs, longer beside the next
+backend's threads. With 100 ms of settling, onnxruntime's 1 x 768->3072 MatMul took 100-111
+us instead of 54-63 after about one TVM round in three; 300 ms (the default) leaves it
+alone. Sleeping instead of settling was measured worse: an idle VM's cores come back slow.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class LatencyStats:
 
 
 def measure_interleaved(calls: dict[str, Callable[[], None]], warmup: int, repeat: int,
-                        rounds: int, desc: str = "latency", settle_ms: float = 100.0) -> dict[str, LatencyStats]:
+                        rounds: int, desc: str = "latency", settle_ms: float = 300.0) -> dict[str, LatencyStats]:
     """Warm each call up, then time ``repeat`` calls of each, split over ``rounds`` rounds."""
     for fn in calls.values():
         for _ in range(warmup):
