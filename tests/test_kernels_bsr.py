@@ -239,7 +239,7 @@ def test_windowed_layout_holds_exactly_the_matrix(n, k, r, sparsity, empty_rows)
     (4, 64, 100, 2, 0.5, 4),  # 4 rows; windows clamped at the end of x
     (3, 48, 32, 4, 0.0, 1),  # dense
     (2, 32, 40, 1, 1.0, 2),  # no block: the bias alone
-    (1, 32, 70, 4, 0.7, 2),
+    (1, 32, 70, 4, 0.7, 2),  # one pair a step
     (1, 64, 200, 1, 0.8, 8),  # pair counts not multiples of the 4 pairs a step takes
 ])
 def test_windowed_gemv_matches_numpy(m, n, k, r, sparsity, accumulators):
@@ -262,5 +262,5 @@ def test_which_layers_take_the_windowed_gemv():
     assert not takes(1, 64, 32, (8, 1)) and not takes(1, 64, 32, (1, 4))
     assert not takes(1, 72, 32, (1, 1)) and not takes(1, 64, 16, (1, 1))  # partial vectors; x narrower than a window
     assert not takes(1, 64, 32, (1, 1), lanes=8)  # no AVX-512
-    assert search_space(BsrMatmulShape(1, 32, 64, (1, 1), 10, slots=5)) == [
+    assert search_space(BsrMatmulShape(1, 32, 64, (1, 1), 10, slots=6)) == [
         {"accumulators": 4}, {"accumulators": 2}, {"accumulators": 8}, {"accumulators": 1}]
