@@ -9,8 +9,9 @@ on a 2-core machine the spinning threads of the backend just timed take a core f
 one (TVM's 2-thread BSR GEMM then ran at its 1-thread speed). TVM 0.27's workers yield 300000
 times before they sleep: 130 ms of a core when nothing else runs, longer beside the next
 backend's threads. With 100 ms of settling, onnxruntime's 1 x 768->3072 MatMul took 100-111
-us instead of 54-63 after about one TVM round in three; 300 ms (the default) leaves it
-alone. Sleeping instead of settling was measured worse: an idle VM's cores come back slow.
+us instead of 54-63 after about one TVM round in three. With 300 ms (the default) a script
+saw it in none of 8 cases, the layer benchmark still in 2 of 25: rarer, not gone. Sleeping
+instead of settling was measured worse: an idle VM's cores come back slow.
 """
 
 from __future__ import annotations

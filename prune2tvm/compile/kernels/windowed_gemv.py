@@ -154,7 +154,9 @@ def _window(x, m, words, offsets, OW, j, G, R):
 
 @T.macro(hygienic=False)
 def _add_pair(acc, data, x, words, offsets, a, b, p, M, V, OW, G, R):
-    """acc[m, a] += slot 2p's weights times x's window, acc[m, b] += slot 2p + 1's, for every row m."""
+    """acc[m, a] += slot 2p's weights times x's window, acc[m, b] += slot 2p + 1's, for every row m.
+    Both ``_window`` calls load the same two vectors of x; LLVM emits those loads once per pair
+    (checked in the assembly: two loads of x, two vpermi2ps)."""
     for m in T.unroll(M):
         acc[m, a, T.Ramp(0, 1, V)] = acc[m, a, T.Ramp(0, 1, V)] + \
             data[2 * p, T.Ramp(0, 1, V)] * _window(x, m, words, offsets, OW, 2 * p, G, R)
