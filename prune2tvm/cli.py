@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -73,6 +74,9 @@ def _watch_ctrl_c():
 
     def handler(signum, frame):
         _CTRL_C["seen"] = True
+        if _importing(frame):
+            _interrupt_after_import()
+            return
         signal.default_int_handler(signum, frame)
 
     unwound = threading.Event()
@@ -92,6 +96,38 @@ def _watch_ctrl_c():
     finally:
         signal.signal(signal.SIGINT, old)
         _CTRL_C["installed"] = False
+
+
+_IMPORT_FRAMES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside an import. A KeyboardInterrupt raised there can end the
+    process with SIGABRT instead of unwinding: a C extension whose initialisation calls Python
+    code (onnx's builds Python enums) terminates when that code raises."""
+    while frame is not None:
+        if frame.f_code.co_filename in _IMPORT_FRAMES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt_after_import():
+    """Deliver SIGINT to the main thread again as soon as it has left the import machinery (a
+    watcher thread polls its stack every 10 ms); the handler then raises KeyboardInterrupt."""
+    if _CTRL_C.get("deferred"):
+        return
+    _CTRL_C["deferred"] = True
+    main = threading.main_thread()
+
+    def redeliver():
+        while main.is_alive() and _importing(sys._current_frames().get(main.ident)):
+            time.sleep(0.01)
+        _CTRL_C["deferred"] = False
+        if main.is_alive() and _CTRL_C.get("installed"):  # else the verb has ended meanwhile
+            signal.pthread_kill(main.ident, signal.SIGINT)
+
+    threading.Thread(target=redeliver, name="prune2tvm-ctrl-c-after-import", daemon=True).start()
 
 
 def _stop_interrupted(ctx: click.Context):

@@ -74,3 +74,47 @@ def test_ctrl_c_stops_a_process_stuck_in_tvm_code(tmp_path, mode, grace_s, messa
     assert sorted(p.name for p in work.iterdir()) == (["db"] if (work / "db").exists() else []), \
         "the half-written artifact or the scratch directory was left behind"
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+
+SLOW_IMPORT = """
+import sys, time
+from prune2tvm import cli
+sys.path.insert(0, sys.argv[1])
+with cli._watch_ctrl_c():
+    try:
+        import slow_module  # Ctrl-C arrives while it is being imported
+        print("imported", slow_module.COMPLETE, flush=True)
+        time.sleep(60)
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted after the import", flush=True)
+"""
+
+SLOW_MODULE = """
+import time
+print("importing", flush=True)
+for _ in range(40):
+    time.sleep(0.025)  # Python code runs here: a handler that raised would raise in the import
+COMPLETE = True
+"""
+
+
+def test_ctrl_c_during_an_import_waits_for_the_import_to_finish(tmp_path):
+    """A KeyboardInterrupt raised inside an import can abort the process (a C extension whose
+    initialisation calls Python code terminates: onnx's does); Ctrl-C there takes effect just
+    after the import instead, still raised where the verb can unwind (no 3 s grace kill)."""
+    (tmp_path / "slow_module.py").write_text(SLOW_MODULE)
+    script = tmp_path / "slow_import.py"
+    script.write_text(SLOW_IMPORT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "importing\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert out == "imported True\ninterrupted after the import\n", out + err
+    assert proc.returncode == 0 and "Traceback" not in err, f"exit {proc.returncode}\n{err}"
