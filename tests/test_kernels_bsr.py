@@ -181,17 +181,19 @@ def test_cuda_kernel_builds_and_compiles_with_nvcc():
         assert nvcc.compile_cuda(source, target_format="fatbin", arch="sm_80", compiler="nvcc")
 
 
+@pytest.mark.parametrize("low, high", [(0.0, FLT_MAX), (-0.5, 1.0)])  # ReLU; a clip with both bounds
 @pytest.mark.parametrize("m, n, block", [(1, 48, (4, 1)), (37, 48, (4, 1)),  # the GEMV and the GEMM path
                                           (37, 256, (1, 1))])  # GEMM, staged
-def test_fused_bias_and_relu_match_numpy(m, n, block):
+def test_fused_bias_and_clamp_match_numpy(m, n, block, low, high):
     rng = np.random.default_rng(m)
     w = block_sparse_weight(rng, n, 32, block, 0.7, empty_rows=[2])
     x = rng.standard_normal((m, 32)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    got = run_cpu(x, BsrMatrix.from_dense(w, block), bias=bias, epilogue=Epilogue(0.0, FLT_MAX))
-    want = np.maximum(x @ w.T + bias, 0)
+    got = run_cpu(x, BsrMatrix.from_dense(w, block), bias=bias, epilogue=Epilogue(low, high))
+    want = np.clip(x @ w.T + bias, low, high)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert (got == 0).any() and (got > 0).any()  # the clamp did something, not everything
+    assert (got == low).any() and (got > low).any()  # the clamp did something, not everything
+    assert high == FLT_MAX or (got == np.float32(high)).any()
 
 
 AVX512 = tvm.target.codegen.llvm_cpu_has_features("avx512f", HOST)
@@ -251,6 +253,8 @@ def test_windowed_gemv_matches_numpy(m, n, k, r, sparsity, accumulators):
     np.testing.assert_allclose(got, x @ w.T + bias, rtol=1e-4, atol=1e-4)
     relu = run_windowed(x, BsrMatrix.from_dense(w, (r, 1)), bias, Epilogue(0.0, FLT_MAX))
     np.testing.assert_allclose(relu, np.maximum(x @ w.T + bias, 0), rtol=1e-4, atol=1e-4)
+    clipped = run_windowed(x, BsrMatrix.from_dense(w, (r, 1)), bias, Epilogue(-0.5, 1.0))
+    np.testing.assert_allclose(clipped, np.clip(x @ w.T + bias, -0.5, 1.0), rtol=1e-4, atol=1e-4)
 
 
 def test_which_layers_take_the_windowed_gemv():

@@ -164,18 +164,19 @@ def _pack_block(x, panels, M, K, V, dtype, at, p, k0):
 
 
 @T.macro(hygienic=False)
-def _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, start, end, rc, C, panel):
-    """Zero the accumulators, then add every block b in [start, end) of the block row: acc
-    holds panels 0 .. UA - 1 of the task, acc2 the UB after them; ``panel(u, k, v)`` reads
-    the task's panel u at input position k."""
+def _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, start, end, rc, C, panel, bias, col):
+    """Start the accumulators at the bias (acc[u, r, :] = bias[col + r]), then add every block
+    b in [start, end) of the block row: acc holds panels 0 .. UA - 1 of the task, acc2 the UB
+    after them; ``panel(u, k, v)`` reads the task's panel u at input position k. (Starting at
+    the bias instead of adding it after: 128 x 768->3072 at 90 %, 16x1, 0.147 -> 0.142 ms.)"""
     for u in T.unroll(UA):
         for r in T.unroll(RC):
             for v in T.vectorized(V):
-                acc[u, r, v] = T.cast(0, dtype)
+                acc[u, r, v] = bias[col + r]
     for u in T.unroll(UB):
         for r in T.unroll(RC):
             for v in T.vectorized(V):
-                acc2[u, r, v] = T.cast(0, dtype)
+                acc2[u, r, v] = bias[col + r]
     for b in range(start, end):
         for c in T.unroll(C):
             for u in T.unroll(UA):
@@ -188,17 +189,29 @@ def _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, start, end, rc, 
                         acc2[u, r, v] = acc2[u, r, v] + data[b, rc * RC + r, c] * panel(UA + u, indices[b] * C + c, v)
 
 
+def clamp(value, low: float, high: float, dtype: str):
+    """``value`` clamped to [low, high], each bound only where it is finite: min(v, FLT_MAX)
+    is not a no-op to LLVM (it turns inf into FLT_MAX), so a layer without an activation would
+    pay two instructions per output vector for nothing."""
+    if low != -FLT_MAX:
+        value = T.max(value, T.cast(low, dtype))
+    if high != FLT_MAX:
+        value = T.min(value, T.cast(high, dtype))
+    return value
+
+
 @T.macro(hygienic=False)
-def _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias, col, LO, HI):
-    """The epilogue in place: acc[u, r, :] + bias[col + r], clamped to [LO, HI]."""
-    for u in T.unroll(UA):
-        for r in T.unroll(RC):
-            for v in T.vectorized(V):
-                acc[u, r, v] = T.min(T.max(acc[u, r, v] + bias[col + r], T.cast(LO, dtype)), T.cast(HI, dtype))
-    for u in T.unroll(UB):
-        for r in T.unroll(RC):
-            for v in T.vectorized(V):
-                acc2[u, r, v] = T.min(T.max(acc2[u, r, v] + bias[col + r], T.cast(LO, dtype)), T.cast(HI, dtype))
+def _clamp_accumulators(acc, acc2, UA, UB, RC, V, dtype, LO, HI):
+    """The activation in place: acc[u, r, :] clamped to [LO, HI] (the bias is already in)."""
+    if LO != -FLT_MAX or HI != FLT_MAX:
+        for u in T.unroll(UA):
+            for r in T.unroll(RC):
+                for v in T.vectorized(V):
+                    acc[u, r, v] = clamp(acc[u, r, v], LO, HI, dtype)
+        for u in T.unroll(UB):
+            for r in T.unroll(RC):
+                for v in T.vectorized(V):
+                    acc2[u, r, v] = clamp(acc2[u, r, v], LO, HI, dtype)
 
 
 MAX_ACCUMULATORS = 16  # vector accumulators in flight (of 32 AVX-512 registers)
@@ -319,7 +332,7 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
                     for r in T.vectorized(R):
                         acc[0, r] = acc[0, r] + acc[a, r]
                 for r in T.vectorized(R):
-                    out[m, i * R + r] = T.min(T.max(acc[0, r] + bias[i * R + r], T.cast(LO, dtype)), T.cast(HI, dtype))
+                    out[m, i * R + r] = clamp(acc[0, r] + bias[i * R + r], LO, HI, dtype)
 
     return bsr_gemv
 
@@ -434,9 +447,8 @@ def _bsr_gemm(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: int | N
                         acc2 = T.alloc_buffer((UB1, RC, V), dtype)
                         _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices,
                                     indptr[(it % NG) * G + sg * SG + g], indptr[(it % NG) * G + sg * SG + g + 1], rc, C,
-                                    lambda u, k, v: panels[u, k, v])
-                        _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias,
-                                    ((it % NG) * G + sg * SG + g) * R + rc * RC, LO, HI)
+                                    lambda u, k, v: panels[u, k, v], bias, ((it % NG) * G + sg * SG + g) * R + rc * RC)
+                        _clamp_accumulators(acc, acc2, UA, UB, RC, V, dtype, LO, HI)
                         # Unrolled, so the accumulators never leave registers (a loop here makes
                         # LLVM keep them in memory too, zeroed by a memset per task that cost more
                         # than the work at high sparsity).
@@ -510,8 +522,9 @@ def _bsr_gemm_staged(s: BsrMatmulShape, lanes: int, epilogue: Epilogue, panels: 
                     acc = T.alloc_buffer((UA, RC, V), dtype)
                     acc2 = T.alloc_buffer((UB1, RC, V), dtype)
                     _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, indptr[(it % NG) * G + g],
-                                indptr[(it % NG) * G + g + 1], rc, C, lambda u, k, v: panels[k, (it // NG) * U + u, v])
-                    _bias_clamp(acc, acc2, UA, UB, RC, V, dtype, bias, (it % NG) * W + g * R + rc * RC, LO, HI)
+                                indptr[(it % NG) * G + g + 1], rc, C, lambda u, k, v: panels[k, (it // NG) * U + u, v],
+                                bias, (it % NG) * W + g * R + rc * RC)
+                    _clamp_accumulators(acc, acc2, UA, UB, RC, V, dtype, LO, HI)
                     for u in T.unroll(UA):
                         for r in T.unroll(RC):
                             for v in T.vectorized(V):

@@ -40,7 +40,7 @@ import dataclasses
 import numpy as np
 from tvm.script import tirx as T
 
-from prune2tvm.compile.kernels.bsr_matmul import GEMV_MAX_ROWS, BsrMatmulShape, Epilogue
+from prune2tvm.compile.kernels.bsr_matmul import GEMV_MAX_ROWS, BsrMatmulShape, Epilogue, clamp
 from prune2tvm.sparse import BsrMatrix
 
 LANES = 16
@@ -196,8 +196,7 @@ def windowed_gemv(s: BsrMatmulShape, accumulators: int, epilogue: Epilogue):
             for m in T.unroll(M):
                 for a in T.unroll(1, A):
                     acc[m, 0, T.Ramp(0, 1, V)] = acc[m, 0, T.Ramp(0, 1, V)] + acc[m, a, T.Ramp(0, 1, V)]
-                out[m, T.Ramp(g * V, 1, V)] = T.min(T.max(acc[m, 0, T.Ramp(0, 1, V)] + bias[T.Ramp(g * V, 1, V)],
-                                                          T.Broadcast(T.cast(LO, dtype), V)),
-                                                    T.Broadcast(T.cast(HI, dtype), V))
+                out[m, T.Ramp(g * V, 1, V)] = clamp(acc[m, 0, T.Ramp(0, 1, V)] + bias[T.Ramp(g * V, 1, V)],
+                                                    LO, HI, dtype)
 
     return bsr_gemv_windowed
