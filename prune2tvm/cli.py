@@ -67,7 +67,8 @@ def _watch_ctrl_c():
     The KeyboardInterrupt is raised only once the main thread runs Python code again, which a
     long ``tvm.compile`` can delay by minutes; if the verb has not unwound ``CTRL_C_GRACE_S``
     after the Ctrl-C, it is ended from a watcher thread, as a kill would end it but removing
-    what it was writing."""
+    what it was writing. A Ctrl-C that lands inside an import is raised just after the import
+    (``_importing``)."""
     if threading.current_thread() is not threading.main_thread() or _CTRL_C.get("installed"):
         yield
         return
