@@ -78,11 +78,12 @@ def _row(rows, j, lane):
     return T.Shuffle(parts, [16 * h + 4 * lane + i for h in range(len(parts)) for i in range(4)])
 
 
-def _emit_store_transposed(out, acc, u, rc, row, col):
+def _store_transposed(out, acc, u, rc, row, col):
     """acc[u, 0:rc, 0:16] -> out[row + v, col:col + rc], rc 4 or 8: 4x4-block transposes in
     in-lane shuffles, then 16 stores of rc lanes. Each shuffle is bound to a name once
     (``T.bind``): written as one expression per store, LLVM narrowed every copy differently and
-    could no longer share them."""
+    could no longer share them. (LLVM's lowering of the same gather written as a loop took about
+    150 instructions per 4 x 16.)"""
     def a(r):
         return acc.vload([u, r, 0], "float32x16")
 
@@ -95,13 +96,6 @@ def _emit_store_transposed(out, acc, u, rc, row, col):
     for lane in range(4):
         for j in range(4):
             T.buffer_store(out, _row(rows, j, lane), [row + 4 * lane + j, T.Ramp(col, 1, rc)])
-
-
-@T.macro(hygienic=False)
-def _store_transposed(out, acc, u, rc, row, col):
-    """acc[u, 0:rc, 0:16] -> out[row + v, col:col + rc] (``_emit_store_transposed``). LLVM's
-    lowering of the same gather written as a loop took about 150 instructions per 4 x 16."""
-    _emit_store_transposed(out, acc, u, rc, row, col)
 
 
 def _lanes_of(a, b, la, lb):

@@ -85,23 +85,24 @@ def window_layout(bsr: BsrMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cols = bsr.indices.astype(np.int64)
     head = bsr.indptr[:-1].astype(np.int64).reshape(groups, G).copy()
     end = bsr.indptr[1:].astype(np.int64).reshape(groups, G)
+    next_col = np.append(cols, k)  # indexed by head <= len(cols)
     count = np.zeros(groups, np.int64)
     placed = []  # per step: (group, pair within group, window start, blocks of its two slots or -1)
 
     def upcoming():  # (whether each block row has blocks left, the column of its next)
         live = head < end
-        return live, np.where(live, cols[np.minimum(head, max(len(cols) - 1, 0))], np.int64(k))
+        return live, np.where(live, next_col[head], k)
 
-    while (head < end).any():
-        live, nxt = upcoming()
+    live, nxt = upcoming()
+    while live.any():
         active = live.any(1)
         base = np.minimum(nxt.min(1) // LANES * LANES, k - WINDOW)
         halves = []
         for _ in range(2):
-            live, nxt = upcoming()
             take = live & (nxt < (base + WINDOW)[:, None])
             halves.append(np.where(take, head, -1)[active])
             head += take
+            live, nxt = upcoming()
         group = np.nonzero(active)[0]
         placed.append((group, count[group], base[group], *halves))
         count += active
