@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from tvm.script import tirx as T
 
-from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
+from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue, clamp
 
 # Relax's op-pattern kind "opaque" for the layout copies: their loops look elementwise to
 # AnnotateTIROpPattern, and FuseOps then fused a ReLU6 before them into one function that
@@ -266,30 +266,29 @@ def bsr_conv2d_cpu(s: BsrConv2dShape, lanes: int = 16, epilogue: Epilogue = NO_E
                             if column(task, u, v) % WP < OW:
                                 out[task // (OHC * UT * NB), (task % NB) * R + r,
                                     column(task, u, v) // WP,
-                                    column(task, u, v) % WP] = T.min(T.max(
+                                    column(task, u, v) % WP] = clamp(
                                         acc[u, r, v] + bias[(task % NB) * R + r] + T.if_then_else(RES, residual[T.min(
                                             ((task // (OHC * UT * NB) * O + (task % NB) * R + r) * OH
                                              + column(task, u, v) // WP) * OW
                                             + column(task, u, v) % WP, RS - 1)],
                                             T.cast(0, dtype)),
-                                        T.cast(LO, dtype)), T.cast(HI, dtype))
+                                        LO, HI, dtype)
             else:
                 for u in range(U):
                     for r in range(R):
                         for v in T.vectorized(V):
                             if RES:
                                 outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
-                                     column(task, u, v)] = T.min(T.max(
+                                     column(task, u, v)] = clamp(
                                         acc[u, r, v] + bias[(task % NB) * R + r] + residual[
                                             ((task // (OHC * UT * NB) * O + (task % NB) * R + r) * OHC
                                              + task // (UT * NB) % OHC) * OWC
                                             + column(task, u, v)],
-                                        T.cast(LO, dtype)), T.cast(HI, dtype))
+                                        LO, HI, dtype)
                             else:
                                 outc[task // (OHC * UT * NB), (task % NB) * R + r, task // (UT * NB) % OHC,
-                                     column(task, u, v)] = T.min(T.max(
-                                        acc[u, r, v] + bias[(task % NB) * R + r], T.cast(LO, dtype)),
-                                        T.cast(HI, dtype))
+                                     column(task, u, v)] = clamp(
+                                        acc[u, r, v] + bias[(task % NB) * R + r], LO, HI, dtype)
 
     return bsr_conv2d
 

@@ -186,7 +186,8 @@ def _accumulate(acc, acc2, UA, UB, RC, V, dtype, data, indices, start, end, rc, 
 def clamp(value, low: float, high: float, dtype: str):
     """``value`` clamped to [low, high], each bound only where it is finite: min(v, FLT_MAX)
     is not a no-op to LLVM (it turns inf into FLT_MAX), so a layer without an activation would
-    pay two instructions per output vector for nothing."""
+    pay two instructions per output vector for nothing. Every kernel's epilogue (``Epilogue``)
+    clamps through this."""
     if low != -FLT_MAX:
         value = T.max(value, T.cast(low, dtype))
     if high != FLT_MAX:
@@ -566,7 +567,6 @@ def bsr_matmul_cuda(shape: BsrMatmulShape, threads: int = 256, epilogue: Epilogu
                         for c in T.unroll(C):
                             acc[0] = acc[0] + data[b, t % R, c] * x[T.min(mb * TM + t // R, M - 1), indices[b] * C + c]
                     if mb * TM + t // R < M:
-                        out[mb * TM + t // R, i * R + t % R] = T.min(T.max(
-                            acc[0] + bias[i * R + t % R], T.cast(LO, dtype)), T.cast(HI, dtype))
+                        out[mb * TM + t // R, i * R + t % R] = clamp(acc[0] + bias[i * R + t % R], LO, HI, dtype)
 
     return bsr_matmul_gpu

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
+from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue, clamp
 
 ROWS_PER_TASK = 8  # output rows per task: enough work per task, enough tasks for the threads
 
@@ -116,8 +116,8 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
                     for u in T.unroll(U):
                         for v in T.vectorized(V):
                             out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
-                                FIRST + T.min(u * V, IW - V) + v] = T.min(T.max(
-                                    acc[u, v] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
+                                FIRST + T.min(u * V, IW - V) + v] = clamp(
+                                    acc[u, v] + bias[task // BANDS % C], LO, HI, dtype)
                     for e in range(NBORDER):
                         one[0] = T.cast(0, dtype)
                         for kh in range(KH):
@@ -131,8 +131,8 @@ def depthwise_conv2d_cpu(s: DepthwiseShape, lanes: int = 16, epilogue: Epilogue 
                                         ((task % BANDS) * RT + row) * SH + kh * DH - TOP,
                                         T.Select(e < FIRST, e, e - FIRST + LAST + 1) * SW + kw * DW - LEFT]
                         out[task // (BANDS * C), task // BANDS % C, (task % BANDS) * RT + row,
-                            T.Select(e < FIRST, e, e - FIRST + LAST + 1)] = T.min(T.max(
-                                one[0] + bias[task // BANDS % C], T.cast(LO, dtype)), T.cast(HI, dtype))
+                            T.Select(e < FIRST, e, e - FIRST + LAST + 1)] = clamp(
+                                one[0] + bias[task // BANDS % C], LO, HI, dtype)
 
     return depthwise_conv2d
 

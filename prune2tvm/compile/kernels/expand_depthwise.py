@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
+from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue, clamp
 from prune2tvm.compile.kernels.depthwise_conv2d import DepthwiseShape, whole_load
 
 # output rows per task: a stride-1 band reads ROWS + 2 expanded rows (for 3x3), so longer
@@ -107,9 +107,8 @@ def expand_depthwise_cpu(s: ExpandDepthwiseShape, lanes: int = 16, expand: Epilo
                         for r in T.unroll(R):
                             for u in T.unroll(CH):
                                 for v in T.vectorized(V1):
-                                    ex[r, e, LEFT + T.min(T.min(p * CH + u, U1 - 1) * V1, W - V1) + v] = T.min(
-                                        T.max(acc[r, u, v] + bias1[(task % NB) * R + r], T.cast(LO1, dtype)),
-                                        T.cast(HI1, dtype))
+                                    ex[r, e, LEFT + T.min(T.min(p * CH + u, U1 - 1) * V1, W - V1) + v] = clamp(
+                                        acc[r, u, v] + bias1[(task % NB) * R + r], LO1, HI1, dtype)
                     for r in T.unroll(R):
                         for q in range(LEFT):
                             ex[r, e, q] = T.cast(0, dtype)
@@ -142,8 +141,7 @@ def expand_depthwise_cpu(s: ExpandDepthwiseShape, lanes: int = 16, expand: Epilo
                         for u in T.unroll(U2):
                             for v in T.vectorized(OW if NARROW else V2):
                                 out[task // (NB * BANDS), (task % NB) * R + r, (task // NB % BANDS) * RT + row,
-                                    T.max(T.min(u * V2, OW - V2), 0) + v] = T.min(T.max(
-                                        acc2[u, v] + bias[(task % NB) * R + r], T.cast(LO2, dtype)),
-                                        T.cast(HI2, dtype))
+                                    T.max(T.min(u * V2, OW - V2), 0) + v] = clamp(
+                                        acc2[u, v] + bias[(task % NB) * R + r], LO2, HI2, dtype)
 
     return expand_depthwise
