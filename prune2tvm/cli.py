@@ -381,8 +381,8 @@ DENSE_KERNEL_OPTION = click.option(
 @click.option("--bsr", "block_rows", type=int, default=None,
               help="Block rows R (output channels, the N of 1xN): rewrite block-sparse layers into BSR kernels.")
 @click.option("--bsc", "block_cols", type=int, default=1, show_default=True, help="Block columns C (inputs).")
-@click.option("--sparsity", "threshold", default="0.5", show_default=True,
-              help="A layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense. "
+@click.option("--sparsity", "threshold", default=None, show_default="0.5",
+              help="With --bsr: a layer whose fraction of all-zero blocks is at least this becomes BSR; the rest stay dense. "
                    "'auto': measure each layer dense and as BSR on the target and keep the faster.")
 @DENSE_KERNEL_OPTION
 @click.option("--db", "db_dir", type=click.Path(file_okay=False),
@@ -394,7 +394,7 @@ DENSE_KERNEL_OPTION = click.option(
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_(model: str, target: str | None, batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None,
-             block_cols: int, threshold: str, dense_kernel: str | None, db_dir: str | None, no_db: bool, include_tuning: bool, fast_math: bool,
+             block_cols: int, threshold: str | None, dense_kernel: str | None, db_dir: str | None, no_db: bool, include_tuning: bool, fast_math: bool,
              output: str, force: bool) -> None:
     """Compile an ONNX model with TVM, rewriting block-sparse layers into BSR kernels (with
     --bsr), check it against onnxruntime, and write the deployment artifact (model.so and
@@ -421,31 +421,40 @@ def compile_(model: str, target: str | None, batch_size: int, input_shapes: tupl
     click.echo(f"wrote {output} ({status}" + (f", max abs diff {worst:.2e})" if worst is not None else ")"))
 
 
-def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str, dense_kernel: str | None, target):
+def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str | None, dense_kernel: str | None, target):
     """--bsr/--bsc/--sparsity/--dense-kernel -> SparsifyOptions, or None for a build with
     TVM's ops only (--dense-kernel tvm without --bsr, or a GPU target without --bsr: the packed
     kernel is for CPUs)."""
     from prune2tvm.compile.build import SparsifyOptions, dense_options
 
     dense_kernel = dense_kernel or "packed"
+    value = _threshold(threshold or "0.5")
     if block_rows is None:
         if block_cols != 1:
             raise InputError("--bsc needs --bsr (the block rows); e.g. --bsr 4 --bsc 1")
-        if threshold == "auto":
-            raise InputError("--sparsity auto needs --bsr (the block rows); e.g. --bsr 4 --sparsity auto")
+        if threshold is not None:
+            # without --bsr nothing is rewritten, so a threshold would be silently ignored
+            raise InputError(f"--sparsity {threshold} needs --bsr (the block rows); e.g. --bsr 4 --sparsity {threshold}")
         return dense_options(dense_kernel, target)
-    for option, value in (("--bsr", block_rows), ("--bsc", block_cols)):
-        if value < 1:
-            raise InputError(f"{option} {value} is not a valid block size; valid: a positive integer")
-    if threshold == "auto":
+    for option, size in (("--bsr", block_rows), ("--bsc", block_cols)):
+        if size < 1:
+            raise InputError(f"{option} {size} is not a valid block size; valid: a positive integer")
+    if value == "auto":
         return SparsifyOptions((block_rows, block_cols), auto=True, dense_kernel=dense_kernel)
+    return SparsifyOptions((block_rows, block_cols), value, dense_kernel=dense_kernel)
+
+
+def _threshold(threshold: str) -> float | str:
+    """--sparsity's value: a number in [0, 1], or "auto"."""
+    if threshold == "auto":
+        return threshold
     try:
         value = float(threshold)
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:
         raise InputError(f"--sparsity {threshold} is not valid; valid: a number in [0, 1] or auto")
-    return SparsifyOptions((block_rows, block_cols), value, dense_kernel=dense_kernel)
+    return value
 
 
 def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> dict[str, list[int]]:
@@ -473,7 +482,7 @@ def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> 
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...")
 @click.option("--bsr", "block_rows", type=int, default=None, help="Rewrite block-sparse layers first, as compile does.")
 @click.option("--bsc", "block_cols", type=int, default=1, show_default=True)
-@click.option("--sparsity", "threshold", default="0.5", show_default=True)
+@click.option("--sparsity", "threshold", default=None, show_default="0.5", help="As compile --sparsity.")
 @DENSE_KERNEL_OPTION
 @click.option("--fast-math", is_flag=True, help="As compile --fast-math.")
 @click.option("--time-limit", "time_limit", type=float, default=None,
@@ -486,7 +495,7 @@ def _checked_onnx(path: str, batch_size: int, input_shapes: tuple[str, ...]) -> 
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory for the tuned build.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def tune(model: str, target: str | None, trials: int, trials_per_task: int | None, db_dir: str | None,
-         batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None, block_cols: int, threshold: str,
+         batch_size: int, input_shapes: tuple[str, ...], block_rows: int | None, block_cols: int, threshold: str | None,
          dense_kernel: str | None, fast_math: bool, time_limit: float | None, rpc_tracker: str | None, rpc_key: str | None, rpc_wait: float,
          output: str, force: bool) -> None:
     """Tune a model's dense operators with meta_schedule into a persistent database, then

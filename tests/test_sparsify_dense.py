@@ -184,6 +184,9 @@ def test_compile_cli_prints_the_layer_table(mixed_onnx, tmp_path):
     (["--bsc", "2"], "--bsc needs --bsr"),
     (["--bsr", "4", "--sparsity", "1.5"], "--sparsity 1.5 is not valid; valid: a number in [0, 1] or auto"),
     (["--bsr", "4", "--sparsity", "lots"], "--sparsity lots is not valid"),
+    # without --bsr a threshold would be ignored: the user meant a sparse build
+    (["--sparsity", "0.7"], "--sparsity 0.7 needs --bsr (the block rows); e.g. --bsr 4 --sparsity 0.7"),
+    (["--sparsity", "1.5"], "--sparsity 1.5 is not valid"),
 ])
 def test_compile_cli_refuses_bad_block_options(mixed_onnx, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["compile", str(mixed_onnx), *args, "-o", str(tmp_path / "out")])
