@@ -561,18 +561,24 @@ def tune(model: str, target: str | None, trials: int, trials_per_task: int | Non
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the figures as JSON.")
-def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int, json_path: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
+def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int, json_path: str | None,
+          force: bool) -> None:
     """Measure a compiled model against onnxruntime, interleaved in one process."""
     import numpy as np
 
     from prune2tvm.compile import load_compiled
-    from prune2tvm.fsutil import sha256_file, write_json
+    from prune2tvm.fsutil import ensure_writable_dir, sha256_file, write_json
     from prune2tvm.measure.latency import measure_interleaved
     from prune2tvm.onnxrt import session
 
     require_file(onnx_path, "ONNX model")
     if rounds > repeat:
         raise InputError(f"--rounds {rounds} exceeds --repeat {repeat}; valid: 1 <= rounds <= repeat")
+    if json_path:  # checked before measuring, not after
+        if Path(json_path).exists() and not force:
+            raise OutputExistsError(f"{json_path} already exists; pass --force to replace it")
+        ensure_writable_dir(Path(json_path).parent)
     compiled = load_compiled(directory)
     if sha256_file(onnx_path) != compiled.info.onnx_sha256:
         raise InputError(f"{onnx_path} is not the model {directory} was compiled from (sha256 differs)")

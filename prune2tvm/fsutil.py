@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,14 +39,30 @@ def discard_in_progress() -> None:
                 path.unlink()
 
 
+def fresh_path(parent: str | os.PathLike, prefix: str, suffix: str = "", directory: bool = False) -> Path:
+    """Create a new empty file (or directory) with a random name in ``parent``, with the
+    permissions the umask gives. tempfile's are private (0600 files, 0700 directories), so a
+    results file or an artifact renamed into place from one would be unreadable to anyone
+    else: a deployment directory copied to a device, a JSON on a shared disk."""
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {parent}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = fresh_path(path.parent, f".{path.name}.", ".tmp")
     try:
         with removed_if_interrupted(tmp_path):
             yield tmp_path
@@ -90,7 +107,7 @@ def staged_dir(final: str | os.PathLike, force: bool, what: str = "results") -> 
     if final.exists() and not final.is_dir():
         raise InputError(f"{final} exists and is not a directory")
     parent = ensure_writable_dir(final.parent)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=parent))
+    stage = fresh_path(parent, f".{final.name}.partial-", directory=True)
     try:
         with removed_if_interrupted(stage):
             yield stage

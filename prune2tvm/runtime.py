@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from prune2tvm.errors import InputError, Prune2TVMError, UnsupportedError
+from prune2tvm.fsutil import fresh_path
 from prune2tvm.fsutil import atomic_path, sha256_file
 
 LIBRARY_NAME = "model.so"
@@ -256,7 +257,7 @@ def unpack(archive: str | os.PathLike, destination: str | os.PathLike) -> Path:
             members = tar.getmembers()  # reads the whole archive: a truncated one fails here
             top = _checked_members(archive, members)
             destination.parent.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+            stage = fresh_path(destination.parent, f".{destination.name}.partial-", directory=True)
             try:
                 for member in members:
                     relative = Path(member.name).relative_to(top) if member.name != top else Path(".")

@@ -290,6 +290,8 @@ CASES = [
     ("bsc-without-bsr", ["compile", "{model}", "--bsc", "2", "-o", "{d}/out"], NOTHING, "--bsc needs --bsr"),
     ("sparsity-over-one", ["compile", "{model}", "--bsr", "4", "--sparsity", "1.5", "-o", "{d}/out"], NOTHING,
      "--sparsity 1.5 is not valid"),
+    ("sparsity-without-bsr", ["compile", "{model}", "--sparsity", "0.8", "-o", "{d}/out"], NOTHING,
+     "--sparsity 0.8 needs --bsr"),
     ("sparsity-word", ["compile", "{model}", "--bsr", "4", "--sparsity", "most", "-o", "{d}/out"], NOTHING,
      "valid: a number in [0, 1] or auto"),
     ("batch-size-zero", ["compile", "{model}", "-b", "0", "-o", "{d}/out"], NOTHING, "--batch-size"),
@@ -321,6 +323,8 @@ CASES = [
     # bench, verify, package and the runtime, on the shared artifact
     ("bench-no-artifact", ["bench", "{d}/none", "--onnx", "{model}"], NOTHING, "no such artifact directory"),
     ("bench-other-model", ["bench", "{art}", "--onnx", "{f}"], model_file(opset=16), "is not the model"),
+    ("bench-json-exists", ["bench", "{art}", "--onnx", "{model}", "--json", "{f}"], write("b.json", "{}"),
+     "b.json already exists; pass --force to replace it"),
     ("bench-rounds-over-repeat", ["bench", "{art}", "--onnx", "{model}", "--repeat", "2", "--rounds", "5"], NOTHING,
      "--rounds 5 exceeds --repeat 2"),
     ("verify-nan-inputs", ["verify", "{art}", "--onnx", "{model}", "--inputs", "{f}"],
@@ -496,3 +500,22 @@ def test_allow_nonfinite_runs_what_the_default_refuses(shared, tmp_path):
     with np.load(tmp_path / "out.npz") as out:
         y = next(iter(out.values()))
     assert y.shape == (ROWS, N) and np.isfinite(y[1]).all()
+
+
+def test_written_files_and_directories_get_the_umask_permissions(tmp_path):
+    """Artifacts and results are renamed into place from temporary names; they must not keep
+    tempfile's private modes (a 0700 artifact directory copied to a device is unreadable to
+    the service that runs it)."""
+    from prune2tvm import fsutil
+
+    old = os.umask(0o022)
+    try:
+        with fsutil.staged_dir(tmp_path / "art", force=False) as stage:
+            (stage / "manifest.json").write_text("{}")
+        fsutil.write_json(tmp_path / "bench.json", {})
+        os.umask(0o077)
+        fsutil.write_json(tmp_path / "private.json", {})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"art": 0o755, "bench.json": 0o644, "private.json": 0o600}
