@@ -36,13 +36,13 @@ demo: install
 test: install
 	PRUNE2TVM_NO_PROGRESS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-# make tune TARGET=x86 MODEL=model.onnx [TRIALS=64] [TRIALS_PER_TASK=N] [TIME_LIMIT=seconds] [BSR=4]
+# make tune TARGET=x86 MODEL=model.onnx [TRIALS=64] [TRIALS_PER_TASK=N] [TIME_LIMIT=seconds] [BSR=4 [SPARSITY=0.5|auto]]
 #           [RPC_TRACKER=host:port RPC_KEY=key]: tuned build in runs/tune/<target>/
 tune: install
 	@test -n "$(MODEL)" || { echo "make tune needs MODEL=path/to/model.onnx (and TARGET=x86|x86-avx512|aarch64|cuda)"; exit 2; }
 	$(CLI) tune $(MODEL) --target $(TARGET) $(if $(TRIALS),--trials $(TRIALS)) \
 		$(if $(TRIALS_PER_TASK),--trials-per-task $(TRIALS_PER_TASK)) $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \
-		$(if $(BSR),--bsr $(BSR)) $(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY)) \
+		$(if $(BSR),--bsr $(BSR)) $(if $(SPARSITY),--sparsity $(SPARSITY)) $(if $(RPC_TRACKER),--rpc-tracker $(RPC_TRACKER) --rpc-key $(RPC_KEY)) \
 		-o runs/tune/$(TARGET) --force
 
 bench: install
