@@ -11,6 +11,7 @@ and, with --tune-trials N, TVM's own dense op tuned with meta_schedule (N trials
 shape, in a database kept in benchmarks/.tuning-db/).
 
 Usage: python benchmarks/bsr_layers.py [--quick] [--repeat N] [--tune-trials N] [--only TEXT] [--rows N]
+       [--blocks RxC,...]
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ def main() -> None:
     parser.add_argument("--tune-trials", type=int, default=0, help="tune TVM dense with this many trials per shape")
     parser.add_argument("--only", default="", help="only cases whose label contains this (e.g. Conv)")
     parser.add_argument("--rows", type=int, default=0, help="only linear layers with this many activation rows")
+    parser.add_argument("--blocks", default="", help="only these blocks, e.g. 1x4,4x1")
     args = parser.parse_args()
     sparsities = [0.9] if args.quick else SPARSITIES
     blocks = [(1, 1), (4, 1), (16, 1)] if args.quick else BLOCKS
+    if args.blocks:
+        blocks = [tuple(int(d) for d in b.split("x")) for b in args.blocks.split(",")]
 
     from prune2tvm.compile import compile_onnx
     from prune2tvm.compile.build import SparsifyOptions

@@ -56,6 +56,9 @@ def test_bsr_matrix_round_trip_and_block_sparsity():
     (1, 64, 32, (4, 1), 0.9, 16),   # batch 1 (GEMV path)
     (1, 48, 64, (16, 1), 0.5, 16),
     (3, 40, 24, (8, 2), 0.7, 8),
+    (1, 64, 32, (1, 4), 0.9, 16),   # GEMV over blocks of 4 inputs: C-wide accumulators
+    (2, 96, 48, (4, 4), 0.5, 16),
+    (1, 40, 16, (1, 8), 0.0, 16),   # fully dense, 8-wide
     (GEMV_MAX_ROWS, 32, 32, (1, 1), 0.9, 16),
     (5, 64, 32, (4, 1), 0.8, 16),   # GEMM path, fewer rows than one vector
     (17, 64, 32, (4, 1), 0.8, 16),  # rows not a multiple of the vector width
@@ -183,7 +186,8 @@ def test_cuda_kernel_builds_and_compiles_with_nvcc():
 
 @pytest.mark.parametrize("low, high", [(0.0, FLT_MAX), (-0.5, 1.0)])  # ReLU; a clip with both bounds
 @pytest.mark.parametrize("m, n, block", [(1, 48, (4, 1)), (37, 48, (4, 1)),  # the GEMV and the GEMM path
-                                          (37, 256, (1, 1))])  # GEMM, staged
+                                          (37, 256, (1, 1)),  # GEMM, staged
+                                          (1, 48, (2, 4))])  # the GEMV over blocks of 4 inputs
 def test_fused_bias_and_clamp_match_numpy(m, n, block, low, high):
     rng = np.random.default_rng(m)
     w = block_sparse_weight(rng, n, 32, block, 0.7, empty_rows=[2])

@@ -4,9 +4,9 @@ Two CPU kernels, chosen by the number of activation rows M:
 
 * few rows (``M <= GEMV_MAX_ROWS``, batch-1 inference): parallel over block rows; for each
   row of x, the blocks of a block row are summed into A independent accumulators (one
-  FMA chain is latency-bound), each vectorised across the R outputs of a block. (One
-  vector over A*R lanes with a gather of x was tried: 2.7x slower, LLVM does not
-  vectorise the b // R indexing well.)
+  FMA chain is latency-bound), each vectorised across the R outputs of a block, or across
+  its C inputs where C > 1 (``_bsr_gemv_wide``). (One vector over A*R lanes with a gather
+  of x was tried: 2.7x slower, LLVM does not vectorise the b // R indexing well.)
 * many rows (e.g. 128 tokens): in parallel over tiles of U panels of LANES rows (and, where
   there are too few tiles for the cores, groups of block rows), each task packs its tile of x
   transposed, so that one input position of LANES rows is one vector; then every nonzero
@@ -255,7 +255,8 @@ class BsrMatmulShape:
         return self.outputs // self.block[0]
 
 
-def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4, epilogue: Epilogue = NO_EPILOGUE,
+def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int | None = None,
+                   epilogue: Epilogue = NO_EPILOGUE,
                    panels: int | None = None, stage: int | None = None, cores: int | None = None):
     """The CPU kernel for ``shape``; ``lanes`` is the SIMD width in float32 elements.
     Arguments: x [M, K], data [nnzb, R, C], indices [nnzb], indptr [N/R + 1], bias [N], out [M, N].
@@ -266,9 +267,9 @@ def bsr_matmul_cpu(shape: BsrMatmulShape, lanes: int = 16, accumulators: int = 4
     if shape.slots:
         from prune2tvm.compile.kernels.windowed_gemv import windowed_gemv
 
-        return windowed_gemv(shape, accumulators, epilogue)
+        return windowed_gemv(shape, accumulators or 4, epilogue)
     if shape.rows <= GEMV_MAX_ROWS:
-        return _bsr_gemv(shape, accumulators, epilogue)
+        return _bsr_gemv(shape, accumulators or gemv_accumulators(shape), epilogue)
     if staged_groups(shape, lanes, panels):
         return _bsr_gemm_staged(shape, lanes, epilogue, panels)
     stage = default_stage(shape, lanes) if stage is None else stage
@@ -283,7 +284,8 @@ def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
     if shape.slots:
         return [{"accumulators": a} for a in (4, 2, 8, 1)]
     if shape.rows <= GEMV_MAX_ROWS:
-        return [{"accumulators": a} for a in (4, 1, 2, 8)]
+        first = gemv_accumulators(shape)
+        return [{"accumulators": a} for a in (first, *(a for a in (4, 1, 2, 8) if a != first))]
     rc, default = accumulator_tiling(shape.block[0], (shape.rows + lanes - 1) // lanes, lanes)
     most = min((shape.rows + lanes - 1) // lanes, most_panels(rc, lanes), 28 // rc)
     space = [{"panels": default}] + [{"panels": u} for u in (1, 2, 3, 4, 6, 8) if u <= most and u != default]
@@ -293,7 +295,15 @@ def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
     return [dict(p, stage=stage) for stage in stages for p in space]
 
 
+def gemv_accumulators(s: BsrMatmulShape) -> int:
+    """The few-rows kernel's default A: 4 chains per block row, 2 where a block of more than
+    4 weights already gives several (1 row, 3072->768 at 90 %: 4x4 6.8 -> 6.5 us, 1x8 7.0 -> 6.4)."""
+    return 2 if s.block[1] > 1 and s.block[0] * s.block[1] >= 8 else 4
+
+
 def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
+    if s.block[1] > 1:
+        return _bsr_gemv_wide(s, acc_count, epilogue)
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     A = acc_count
@@ -330,6 +340,52 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
                     out[m, i * R + r] = clamp(acc[0, r] + bias[i * R + r], LO, HI, dtype)
 
     return bsr_gemv
+
+
+def _bsr_gemv_wide(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
+    """Few rows, blocks of C > 1 inputs: each block's C inputs are one vector load of x, so the
+    accumulators are C wide (one per block row r and chain a), reduced across lanes at the end.
+    Vectorised over r instead, with x broadcast per column, the C multiply-adds of a block
+    formed one dependent chain: 1 row, 3072->768 at 90 %, 1x4 25 -> 12 us, 4x4 21 -> 6.5 us,
+    1x8 25 -> 6.4 us."""
+    M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
+    R, C = s.block
+    A = acc_count
+    LO, HI = epilogue.low, epilogue.high
+
+    @T.prim_func(private=True)
+    def bsr_gemv_wide(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
+                      indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
+                      bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for i in T.parallel(NB):
+            acc = T.alloc_buffer((A, R, C), dtype)
+            for m in range(M):
+                for a in T.unroll(A):
+                    for r in T.unroll(R):
+                        for c in T.vectorized(C):
+                            acc[a, r, c] = T.cast(0, dtype)
+                for q in range((indptr[i + 1] - indptr[i]) // A):
+                    for a in T.unroll(A):
+                        for r in T.unroll(R):
+                            for c in T.vectorized(C):
+                                acc[a, r, c] = acc[a, r, c] + data[indptr[i] + q * A + a, r, c] * \
+                                    x[m, indices[indptr[i] + q * A + a] * C + c]
+                for t in range((indptr[i + 1] - indptr[i]) % A):
+                    for r in T.unroll(R):
+                        for c in T.vectorized(C):
+                            acc[0, r, c] = acc[0, r, c] + data[indptr[i + 1] - t - 1, r, c] * \
+                                x[m, indices[indptr[i + 1] - t - 1] * C + c]
+                for a in range(1, A):
+                    for r in T.unroll(R):
+                        for c in T.vectorized(C):
+                            acc[0, r, c] = acc[0, r, c] + acc[a, r, c]
+                for r in T.unroll(R):
+                    for c in range(1, C):
+                        acc[0, r, 0] = acc[0, r, 0] + acc[0, r, c]
+                    out[m, i * R + r] = clamp(acc[0, r, 0] + bias[i * R + r], LO, HI, dtype)
+
+    return bsr_gemv_wide
 
 
 @T.macro(hygienic=False)
