@@ -296,9 +296,14 @@ def search_space(shape: BsrMatmulShape, lanes: int = 16) -> list[dict]:
 
 
 def gemv_accumulators(s: BsrMatmulShape) -> int:
-    """The few-rows kernel's default A: 4 chains per block row, 2 where a block of more than
-    4 weights already gives several (1 row, 3072->768 at 90 %: 4x4 6.8 -> 6.5 us, 1x8 7.0 -> 6.4)."""
-    return 2 if s.block[1] > 1 and s.block[0] * s.block[1] >= 8 else 4
+    """The few-rows kernel's default A, chains per block row: 4; with blocks of C > 1 inputs
+    (one chain per output of the block already), 2 from 8 weights a block and 1 from 8 outputs.
+    1 row, 3072->768 at 90 %, A = 4 / 2 / 1: 4x4 6.8 / 6.5 / 8.1 us, 1x8 7.0 / 6.4 / 12.7,
+    16x2 15.3 / 12.6 / 10.0, 16x4 11.5 / 6.9 / 6.4, 2x4 9.0 / 8.8 / 14.4."""
+    R, C = s.block
+    if C == 1:
+        return 4
+    return 1 if R >= 8 else 2 if R * C >= 8 else 4
 
 
 def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
