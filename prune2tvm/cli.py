@@ -428,7 +428,7 @@ def _sparsify_options(block_rows: int | None, block_cols: int, threshold: str | 
     from prune2tvm.compile.build import SparsifyOptions, dense_options
 
     dense_kernel = dense_kernel or "packed"
-    value = _threshold(threshold or "0.5")
+    value = _threshold("0.5" if threshold is None else threshold)
     if block_rows is None:
         if block_cols != 1:
             raise InputError("--bsc needs --bsr (the block rows); e.g. --bsr 4 --bsc 1")
