@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 
 from prune2tvm.compile.passes.decisions import LayerDecision, Probe
-from prune2tvm.compile.target import device, tvm_target
+from prune2tvm.compile.target import build_untuned, device
 from prune2tvm.compile.tune import build_with_database, has_tuned_schedules, workload_key
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import UnsupportedError
@@ -90,7 +90,7 @@ class LayerTimer:
         if database is not None:
             executable = build_with_database(mod, self.target, database)
         else:
-            executable = tvm.compile(mod, tvm_target(self.target))
+            executable = build_untuned(mod, self.target)
         vm = relax.VirtualMachine(executable, dev)
         timer = vm.time_evaluator("main", dev, number=1, repeat=self.repeat, min_repeat_ms=self.min_repeat_ms)
         return float(np.median(timer(tvm.runtime.tensor(x, dev)).results) * 1e3)

@@ -24,7 +24,7 @@ from tvm import relax
 
 import prune2tvm
 from prune2tvm.compile.frontend import import_onnx
-from prune2tvm.compile.target import device, export_compiler, resolved_target_dict, tvm_target
+from prune2tvm.compile.target import build_untuned, device, export_compiler, resolved_target_dict, tvm_target
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import BuildError, InputError, NumericalMismatchError, UnsupportedError
 from prune2tvm.fsutil import atomic_path, sha256_file, write_json
@@ -334,7 +334,7 @@ def compile_onnx(onnx_path: str | os.PathLike, target: TargetConfig, input_shape
 
                 executable = build_with_database(mod, target, database)
             else:
-                executable = tvm.compile(mod, tvm_target(target))
+                executable = build_untuned(mod, target)
         except Exception as exc:  # TVM raises its own error types from C++
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise BuildError(f"TVM cannot build {Path(onnx_path).name} for {target.name}: {last}") from None
