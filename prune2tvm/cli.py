@@ -575,13 +575,13 @@ def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int,
     require_file(onnx_path, "ONNX model")
     if rounds > repeat:
         raise InputError(f"--rounds {rounds} exceeds --repeat {repeat}; valid: 1 <= rounds <= repeat")
+    compiled = load_compiled(directory)
+    if sha256_file(onnx_path) != compiled.info.onnx_sha256:
+        raise InputError(f"{onnx_path} is not the model {directory} was compiled from (sha256 differs)")
     if json_path:  # checked before measuring, not after
         if Path(json_path).exists() and not force:
             raise OutputExistsError(f"{json_path} already exists; pass --force to replace it")
         ensure_writable_dir(Path(json_path).parent)
-    compiled = load_compiled(directory)
-    if sha256_file(onnx_path) != compiled.info.onnx_sha256:
-        raise InputError(f"{onnx_path} is not the model {directory} was compiled from (sha256 differs)")
     rng = np.random.default_rng(0)
     feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in compiled.inputs}
     ort = session(onnx_path, threads=compiled.target.threads or os.cpu_count())

@@ -38,8 +38,7 @@ from typing import Callable
 import numpy as np
 
 from prune2tvm.errors import InputError, Prune2TVMError, UnsupportedError
-from prune2tvm.fsutil import fresh_path
-from prune2tvm.fsutil import atomic_path, sha256_file
+from prune2tvm.fsutil import atomic_path, fresh_path, sha256_file
 
 LIBRARY_NAME = "model.so"
 MANIFEST_NAME = "manifest.json"

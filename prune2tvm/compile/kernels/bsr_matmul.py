@@ -5,7 +5,7 @@ Two CPU kernels, chosen by the number of activation rows M:
 * few rows (``M <= GEMV_MAX_ROWS``, batch-1 inference): parallel over block rows; for each
   row of x, the blocks of a block row are summed into A independent accumulators (one
   FMA chain is latency-bound), each vectorised across the R outputs of a block, or across
-  its C inputs where C > 1 (``_bsr_gemv_wide``). (One vector over A*R lanes with a gather
+  its C inputs where C > 1 (``_bsr_gemv``). (One vector over A*R lanes with a gather
   of x was tried: 2.7x slower, LLVM does not vectorise the b // R indexing well.)
 * many rows (e.g. 128 tokens): in parallel over tiles of U panels of LANES rows (and, where
   there are too few tiles for the cores, groups of block rows), each task packs its tile of x
@@ -306,9 +306,24 @@ def gemv_accumulators(s: BsrMatmulShape) -> int:
     return 1 if R >= 8 else 2 if R * C >= 8 else 4
 
 
+@T.macro(hygienic=False)
+def _over_block(R, C, each):
+    """``each(r, c)`` for every weight of an R x C block: vectorised over the R outputs where
+    C == 1, else over the C inputs (one vector load of x per block)."""
+    if C == 1:
+        for r in T.vectorized(R):
+            each(r, 0)
+    else:
+        for r in T.unroll(R):
+            for c in T.vectorized(C):
+                each(r, c)
+
+
 def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
-    if s.block[1] > 1:
-        return _bsr_gemv_wide(s, acc_count, epilogue)
+    """Few rows: parallel over block rows, A chains of accumulators acc[a, r, c] per block row
+    (``_over_block``), summed across chains and then across c at the end. Vectorised over r
+    with x broadcast per input, the C multiply-adds of a wider block formed one dependent
+    chain: 1 row, 3072->768 at 90 %, 1x4 25 -> 12 us, 4x4 21 -> 6.5 us, 1x8 25 -> 6.4 us."""
     M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
     R, C = s.block
     A = acc_count
@@ -320,77 +335,30 @@ def _bsr_gemv(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
                  bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for i in T.parallel(NB):
-            acc = T.alloc_buffer((A, R), dtype)
+            acc = T.alloc_buffer((A, R, C), dtype)
             for m in range(M):
                 for a in T.unroll(A):
-                    for r in T.vectorized(R):
-                        acc[a, r] = T.cast(0, dtype)
+                    _over_block(R, C, lambda r, c: T.buffer_store(acc, T.cast(0, dtype), [a, r, c]))
                 # indptr is read inline: a name bound here (``start = indptr[i]``) becomes a
                 # one-element buffer, i.e. a workspace allocation per block row.
                 for q in range((indptr[i + 1] - indptr[i]) // A):
                     for a in T.unroll(A):
-                        for c in T.unroll(C):
-                            for r in T.vectorized(R):
-                                acc[a, r] = acc[a, r] + data[indptr[i] + q * A + a, r, c] * \
-                                    x[m, indices[indptr[i] + q * A + a] * C + c]
+                        _over_block(R, C, lambda r, c: T.buffer_store(
+                            acc, acc[a, r, c] + data[indptr[i] + q * A + a, r, c] *
+                            x[m, indices[indptr[i] + q * A + a] * C + c], [a, r, c]))
                 for t in range((indptr[i + 1] - indptr[i]) % A):
-                    for c in T.unroll(C):
-                        for r in T.vectorized(R):
-                            acc[0, r] = acc[0, r] + data[indptr[i + 1] - t - 1, r, c] * \
-                                x[m, indices[indptr[i + 1] - t - 1] * C + c]
+                    _over_block(R, C, lambda r, c: T.buffer_store(
+                        acc, acc[0, r, c] + data[indptr[i + 1] - t - 1, r, c] *
+                        x[m, indices[indptr[i + 1] - t - 1] * C + c], [0, r, c]))
                 for a in range(1, A):
-                    for r in T.vectorized(R):
-                        acc[0, r] = acc[0, r] + acc[a, r]
-                for r in T.vectorized(R):
-                    out[m, i * R + r] = clamp(acc[0, r] + bias[i * R + r], LO, HI, dtype)
-
-    return bsr_gemv
-
-
-def _bsr_gemv_wide(s: BsrMatmulShape, acc_count: int, epilogue: Epilogue):
-    """Few rows, blocks of C > 1 inputs: each block's C inputs are one vector load of x, so the
-    accumulators are C wide (one per block row r and chain a), reduced across lanes at the end.
-    Vectorised over r instead, with x broadcast per column, the C multiply-adds of a block
-    formed one dependent chain: 1 row, 3072->768 at 90 %, 1x4 25 -> 12 us, 4x4 21 -> 6.5 us,
-    1x8 25 -> 6.4 us."""
-    M, K, N, NB, NNZB, dtype = s.rows, s.inputs, s.outputs, s.block_rows, max(s.nnzb, 1), s.dtype
-    R, C = s.block
-    A = acc_count
-    LO, HI = epilogue.low, epilogue.high
-
-    @T.prim_func(private=True)
-    def bsr_gemv_wide(x: T.Buffer((M, K), dtype), data: T.Buffer((NNZB, R, C), dtype),
-                      indices: T.Buffer((NNZB,), "int32"), indptr: T.Buffer((NB + 1,), "int32"),
-                      bias: T.Buffer((N,), dtype), out: T.Buffer((M, N), dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for i in T.parallel(NB):
-            acc = T.alloc_buffer((A, R, C), dtype)
-            for m in range(M):
-                for a in T.unroll(A):
-                    for r in T.unroll(R):
-                        for c in T.vectorized(C):
-                            acc[a, r, c] = T.cast(0, dtype)
-                for q in range((indptr[i + 1] - indptr[i]) // A):
-                    for a in T.unroll(A):
-                        for r in T.unroll(R):
-                            for c in T.vectorized(C):
-                                acc[a, r, c] = acc[a, r, c] + data[indptr[i] + q * A + a, r, c] * \
-                                    x[m, indices[indptr[i] + q * A + a] * C + c]
-                for t in range((indptr[i + 1] - indptr[i]) % A):
-                    for r in T.unroll(R):
-                        for c in T.vectorized(C):
-                            acc[0, r, c] = acc[0, r, c] + data[indptr[i + 1] - t - 1, r, c] * \
-                                x[m, indices[indptr[i + 1] - t - 1] * C + c]
-                for a in range(1, A):
-                    for r in T.unroll(R):
-                        for c in T.vectorized(C):
-                            acc[0, r, c] = acc[0, r, c] + acc[a, r, c]
+                    _over_block(R, C, lambda r, c: T.buffer_store(acc, acc[0, r, c] + acc[a, r, c], [0, r, c]))
                 for r in T.unroll(R):
                     for c in range(1, C):
                         acc[0, r, 0] = acc[0, r, 0] + acc[0, r, c]
-                    out[m, i * R + r] = clamp(acc[0, r, 0] + bias[i * R + r], LO, HI, dtype)
+                _over_block(R, 1, lambda r, c: T.buffer_store(
+                    out, clamp(acc[0, r, 0] + bias[i * R + r], LO, HI, dtype), [m, i * R + r]))
 
-    return bsr_gemv_wide
+    return bsr_gemv
 
 
 @T.macro(hygienic=False)
