@@ -40,7 +40,7 @@ def verify_artifact(artifact: str | os.PathLike, onnx_path: str | os.PathLike,
     """Run the artifact (through the device-side runtime, checksums and all) and onnxruntime on
     the same random inputs, and on ``real_feeds`` when given. With ``record``, a directory's
     manifest gets the checks and whether they held."""
-    from prune2tvm.onnxrt import compare, session
+    from prune2tvm.onnxrt import compare, random_feeds, session
 
     if not Path(onnx_path).is_file():
         raise InputError(f"{onnx_path}: no such ONNX model")
@@ -52,7 +52,7 @@ def verify_artifact(artifact: str | os.PathLike, onnx_path: str | os.PathLike,
             raise InputError(f"{onnx_path} is not the model {artifact} was compiled from (sha256 {digest[:12]}..., "
                              f"the manifest says {str(manifest.get('onnx_sha256'))[:12]}...)")
         rng = np.random.default_rng(seed)
-        cases = [("random", {s["name"]: rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in model.inputs})]
+        cases = [("random", random_feeds(model.inputs, rng))]
         if real_feeds is not None:
             cases.append(("real", real_feeds))
         reference = session(onnx_path)

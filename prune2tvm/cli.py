@@ -570,7 +570,7 @@ def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int,
     from prune2tvm.compile import load_compiled
     from prune2tvm.fsutil import ensure_writable_dir, sha256_file, write_json
     from prune2tvm.measure.latency import measure_interleaved
-    from prune2tvm.onnxrt import session
+    from prune2tvm.onnxrt import random_feeds, session
 
     require_file(onnx_path, "ONNX model")
     if rounds > repeat:
@@ -583,7 +583,7 @@ def bench(directory: str, onnx_path: str, repeat: int, warmup: int, rounds: int,
             raise OutputExistsError(f"{json_path} already exists; pass --force to replace it")
         ensure_writable_dir(Path(json_path).parent)
     rng = np.random.default_rng(0)
-    feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in compiled.inputs}
+    feeds = random_feeds(compiled.inputs, rng)
     ort = session(onnx_path, threads=compiled.target.threads or os.cpu_count())
     stats = measure_interleaved({"tvm": compiled.bind(feeds), "onnxruntime": lambda: ort.run(None, feeds)},
                                 warmup, repeat, rounds)

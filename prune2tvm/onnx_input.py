@@ -97,6 +97,32 @@ def graph_io(model) -> tuple[list[tuple[str, list]], list[str]]:
     return inputs, [o.name for o in model.graph.output]
 
 
+def input_types(model) -> dict[str, tuple[str, int | None]]:
+    """Each graph input's numpy dtype and ``index_bound``: for an input that a ``Gather`` reads
+    as indices into a constant table (token ids into an embedding), the rows of the smallest such
+    table, else None. The runtime refuses indices outside it; random test inputs stay inside."""
+    from onnx import helper, numpy_helper
+
+    tables = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tables[node.output[0]] = list(numpy_helper.to_array(node.attribute[0].t).shape)
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if dims and -len(dims) <= axis < len(dims):
+                bounds[node.input[1]] = min(bounds.get(node.input[1], dims[axis]), dims[axis])
+    types = {}
+    for value in model.graph.input:
+        if value.name in tables:
+            continue
+        dtype = str(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        types[value.name] = (dtype, bounds.get(value.name) if dtype.startswith(("int", "uint")) else None)
+    return types
+
+
 def parse_shape(text: str, option: str) -> list[int]:
     try:
         dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]

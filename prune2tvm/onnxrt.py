@@ -25,10 +25,34 @@ def session(path: str | os.PathLike, threads: int | None = None):
 
 
 def compare(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[float, float, bool]:
-    """Max abs difference, the tolerance scaled to the output's magnitude, and whether it holds."""
+    """Max abs difference, the tolerance scaled to the output's magnitude, and whether it holds.
+    Outputs of a float type narrower than float32 (float16) get at least 10 of its units in the
+    last place as ``rtol``: two correct float16 builds differ by that much (summation order)."""
+    if np.issubdtype(expected.dtype, np.floating) and np.finfo(expected.dtype).eps > np.finfo(np.float32).eps:
+        rtol = max(rtol, 10 * float(np.finfo(expected.dtype).eps))
     diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
     tolerance = atol + rtol * float(np.max(np.abs(expected))) if expected.size else atol
     return diff, tolerance, diff <= tolerance
+
+
+def random_input(rng: np.random.Generator, shape, dtype: str, index_bound: int | None = None) -> np.ndarray:
+    """A random test input of ``dtype``: floats standard normal; integers (token ids, masks,
+    positions) in [0, index_bound), 2 if not given, so every index is valid; booleans either way."""
+    kind = np.dtype(dtype)
+    if kind == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(kind, np.integer):
+        return rng.integers(0, index_bound or 2, size=shape).astype(kind)
+    return rng.standard_normal(shape).astype(kind)
+
+
+def random_feeds(specs, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``random_input`` for each of a model's inputs (``InputSpec``s or their manifest dicts)."""
+    feeds = {}
+    for spec in specs:
+        s = spec if isinstance(spec, dict) else vars(spec)
+        feeds[s["name"]] = random_input(rng, s["shape"], s["dtype"], s.get("index_bound"))
+    return feeds
 
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")

@@ -101,7 +101,8 @@ def without_native_noise():
 
 
 def check_feeds(specs: list[dict], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The inputs in the model's order, each checked against its name, shape and dtype."""
+    """The inputs in the model's order, each checked against its name, shape and dtype, and
+    indices into a table (``index_bound``) against the table's size."""
     names = [s["name"] for s in specs]
     missing = [n for n in names if n not in feeds]
     if missing:
@@ -115,6 +116,13 @@ def check_feeds(specs: list[dict], feeds: dict[str, np.ndarray]) -> list[np.ndar
         if list(array.shape) != list(spec["shape"]) or str(array.dtype) != spec["dtype"]:
             raise InputError(f"input {spec['name']!r} is {array.dtype}{list(array.shape)}; "
                              f"the build takes {spec['dtype']}{list(spec['shape'])}")
+        bound = spec.get("index_bound")
+        if bound and array.size:
+            low, high = int(array.min()), int(array.max())
+            if low < -bound or high >= bound:
+                bad = high if high >= bound else low
+                raise InputError(f"input {spec['name']!r} holds index {bad}, outside the {bound} rows of the table "
+                                 f"it indexes; valid: {-bound} to {bound - 1}")
         arrays.append(array)
     return arrays
 

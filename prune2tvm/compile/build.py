@@ -28,7 +28,7 @@ from prune2tvm.compile.target import build_untuned, device, export_compiler, res
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import BuildError, InputError, NumericalMismatchError, UnsupportedError
 from prune2tvm.fsutil import atomic_path, sha256_file, write_json
-from prune2tvm.onnxrt import compare, session
+from prune2tvm.onnxrt import compare, random_feeds, session
 from prune2tvm.progress import phase, say
 
 from prune2tvm.runtime import (ARTIFACT_FORMAT, ARTIFACT_VERSION, CPU_FEATURES, LIBRARY_NAME, MANIFEST_NAME,
@@ -45,6 +45,7 @@ class InputSpec:
     shape: list[int]
     dtype: str = "float32"
     batch_axis: int | None = None  # 0 when the ONNX model leaves dimension 0 free (a batch)
+    index_bound: int | None = None  # the rows of the table a Gather indexes with this input: larger indices are refused
 
 
 @dataclass
@@ -126,7 +127,11 @@ class CompileInfo:
     format_version: int = ARTIFACT_VERSION
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for spec in data["inputs"] + data["outputs"]:  # only inputs that index a table have one
+            if spec["index_bound"] is None:
+                del spec["index_bound"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "CompileInfo":
@@ -277,9 +282,14 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
     """Import and rewrite; BSR kernels take their tuned parameters from ``database``. With
     ``fast_math``, erf, exp, tanh and softmax become TVM's fast approximations (vectorisable
     polynomials instead of libm calls; the build is still checked against onnxruntime)."""
-    from prune2tvm.onnx_input import read_io
+    import onnx
 
-    onnx_inputs, outputs = read_io(onnx_path)
+    from prune2tvm.onnx_input import graph_io, input_types
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    onnx_inputs, outputs = graph_io(model)
+    types = input_types(model)
+    del model
     names = [name for name, _ in onnx_inputs]
     unknown = sorted(set(input_shapes) - set(names))
     if unknown:
@@ -292,7 +302,8 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
         if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape)):
             raise InputError(f"{onnx_path}: input {name!r} has shape {dims} in the model; cannot build it for "
                              f"{list(shape)} (only dynamic dimensions can be set)")
-        inputs.append(InputSpec(name, [int(d) for d in shape], batch_axis=0 if dims and dims[0] is None else None))
+        dtype, bound = types[name]
+        inputs.append(InputSpec(name, [int(d) for d in shape], dtype, 0 if dims and dims[0] is None else None, bound))
 
     with phase("import", f"{Path(onnx_path).name} with {', '.join(f'{s.name}{s.shape}' for s in inputs)}"):
         mod = import_onnx(onnx_path, {s.name: s.shape for s in inputs})
@@ -527,7 +538,7 @@ def verify_against_onnxruntime(compiled: CompiledModel, onnx_path: str | os.Path
         info.verified, info.not_verified_reason = False, f"not run here: {why}"
         return
     rng = np.random.default_rng(seed)
-    cases = [("random", {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in info.inputs})]
+    cases = [("random", random_feeds(info.inputs, rng))]
     if real_feeds is not None:
         cases.append(("real", real_feeds))
     reference = session(onnx_path)

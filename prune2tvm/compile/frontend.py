@@ -1,4 +1,4 @@
-"""ONNX -> Relax IRModule, with every input's shape made static."""
+"""ONNX -> Relax IRModule, with every input's shape made static and every gather bounded."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tvm
 from tvm.relax.frontend import onnx as relax_onnx
 from tvm.relax.frontend.onnx import onnx_frontend
 
+from prune2tvm.compile.passes.bounded_gather import bound_gathers
 from prune2tvm.errors import InputError, UnsupportedError
 
 
@@ -22,10 +23,11 @@ def import_onnx(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> 
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     check_importable(path, model)
     try:
-        return relax_onnx.from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
+        mod = relax_onnx.from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
     except Exception as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise UnsupportedError(f"{path}: TVM cannot import the model: {first}") from None
+    return bound_gathers(mod)
 
 
 def check_importable(path: str | os.PathLike, model) -> None:

@@ -22,8 +22,8 @@ UNKNOWN_POSITION = 10**9
 @dataclass
 class LayerDecision:
     name: str
-    op: str  # "dense" (a matmul) or "conv2d"
-    weight_shape: list[int]  # [N, K] for dense; [O, C, KH, KW] for conv2d
+    op: str  # "dense" (a matmul) or "conv2d"; "conv1d" and "conv3d" are only reported (left dense)
+    weight_shape: list[int]  # [N, K] for dense (the weight as it is when not 2-D); [O, C, KH, KW] for conv2d
     block: list[int]  # [R, C] over the weight as a matrix [out, in*kh*kw]
     block_sparsity: float | None  # None when not computed (shape does not divide, not constant...)
     kind: str  # "bsr" or "dense"

@@ -46,12 +46,19 @@ def sparsify_conv2d(mod: tvm.IRModule, block: tuple[int, int], threshold: float,
     float32 vector width, and ``wrap_min_rows`` the narrowest blocks the target's CPU runs
     over wrapped rows (``wrap_min_rows``): together they decide where convs run over them."""
     x, weight, other = wildcard(), is_const(), wildcard()
-    pattern = is_op("relax.nn.conv2d")(x, weight) | is_op("relax.nn.conv2d")(x, other)
+    pattern = (is_op("relax.nn.conv2d")(x, weight) | is_op("relax.nn.conv2d")(x, other)
+               | is_op("relax.nn.conv1d")(x, weight) | is_op("relax.nn.conv3d")(x, weight))
     log = DecisionLog(names)
     builder = relax.BlockBuilder(mod)
 
     def rewrite(call: relax.Call, matches: dict) -> relax.Expr:
         if log.seen(call):
+            return call
+        if call.op.name != "relax.nn.conv2d":  # in the table, so that no weight layer goes unmentioned
+            w = matches[weight].value.numpy()
+            op = call.op.name.rsplit(".", 1)[-1]
+            decision = log.add(call, op, w.reshape(w.shape[0], -1), list(w.shape), block)
+            decision.reason = f"{op[-2]}-D conv: only 2-D convs are rewritten; left dense"
             return call
         if weight not in matches:
             decision = log.add(call, "conv2d", None, [], block)

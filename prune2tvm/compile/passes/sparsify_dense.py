@@ -55,18 +55,18 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
             return call
         if weight not in matches:  # e.g. attention's activation x activation products
             decision = log.add(call, "dense", None, static_shape(call) or [], block)
-            decision.reason = "weight is not a constant (an activation); left dense"
+            decision.reason = ("the constant is the left operand (W @ x); only x @ W is rewritten; left dense"
+                               if isinstance(call.args[0], tvm.ir.GenericConst) else
+                               "weight is not a constant (an activation); left dense")
             return call
         w = matches[weight].value.numpy()
-        if transposed in matches:
-            axes = matches[transposed].attrs.axes
-            if w.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
-                return call
-            w_nk = w  # stored [N, K], transposed for the matmul
-        else:
-            if w.ndim != 2:
-                return call
-            w_nk = w.T
+        axes = matches[transposed].attrs.axes if transposed in matches else None
+        if w.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+            decision = log.add(call, "dense", None, list(w.shape), block)
+            decision.reason = f"weight of rank {w.ndim}, permuted" if w.ndim == 2 else f"weight of rank {w.ndim}"
+            decision.reason += "; only 2-D weights (x @ W, x @ W.T) are rewritten; left dense"
+            return call
+        w_nk = w if transposed in matches else w.T  # a transposed one is stored [N, K]
         n, k = w_nk.shape
         x_expr = matches[x]
         decision = log.add(call, "dense", w_nk, [n, k], block)
