@@ -79,7 +79,8 @@ def configure_threads(threads: int | None = None) -> int:
 
 # TVM 0.27's runtime logs "Warning: Scope Saving:" / "Scope Loaded:" (leftover debug lines)
 # once per virtual-device scope whenever a VM executable is saved or loaded.
-_NATIVE_NOISE = ("Warning: Scope Saving:", "Warning: Scope Loaded:")
+_NATIVE_NOISE = ("Warning: Scope Saving:", "Warning: Scope Loaded:",
+                 "Warning: BlockBuilder destroyed with remaining blocks!")  # after an import that failed
 
 
 @contextlib.contextmanager

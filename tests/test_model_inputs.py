@@ -1,5 +1,6 @@
-"""Models whose inputs are not float32 images: token ids and masks (int64), float16, and weight
-layers the BSR rewrite cannot take, each still compiled, checked and reported."""
+"""Models as users export them, not only float32 images: token ids and masks (int64), float16,
+shape computations of exports with dynamic axes, and weight layers the BSR rewrite cannot take,
+each still compiled, checked and reported."""
 
 import json
 
@@ -148,3 +149,76 @@ def test_weight_layers_the_rewrite_cannot_take_are_in_the_table_with_the_reason(
         ("dense", (1, 10, 6)): "weight of rank 3; only 2-D weights (x @ W, x @ W.T) are rewritten; left dense",
         ("dense", (12, 6)): "the constant is the left operand (W @ x); only x @ W is rewritten; left dense",
     }
+
+
+class Positions(nn.Module):
+    """Position ids as transformers make them, ``arange(seq).expand(batch, seq)``: exported with
+    dynamic axes, a Shape -> Gather -> Range -> Expand chain that TVM's importer fails on."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, 32)
+        self.positions = nn.Embedding(64, 32)
+        self.fc = nn.Linear(32, 64)
+
+    def forward(self, ids):
+        batch, seq = ids.shape
+        positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+        return self.fc(self.tokens(ids) + self.positions(positions))
+
+
+def test_shape_computations_the_importer_fails_on_are_folded_for_static_shapes(tmp_path):
+    torch.manual_seed(0)
+    model = Positions().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_((torch.rand(16, 32) >= 0.8).repeat_interleave(4, 0))
+    path = tmp_path / "positions.onnx"
+    torch.onnx.export(model, (torch.randint(0, VOCAB, (2, 12)),), str(path), dynamo=False, opset_version=17,
+                      input_names=["ids"], output_names=["y"], dynamic_axes={"ids": {0: "batch", 1: "seq"}})
+    result = CliRunner().invoke(cli, ["compile", str(path), "--bsr", "4", "--sparsity", "0.5", "--input-shape", "ids=1,16",
+                                      "-o", str(tmp_path / "out")])
+    # before: "TVM cannot import the model: Cannot use and / or / not operator to Expr"
+    assert result.exit_code == 0, result.output
+    assert "TVM's importer failed on the model as it is (Expand: " in result.output
+    assert "shape computation(s) folded into constants" in result.output
+    assert "verified against onnxruntime" in result.output
+    assert "| dense | 64x32 | 4x1 | 80.1 | BSR |" in result.output
+
+
+def test_an_import_that_folding_cannot_help_names_the_op_it_failed_on(tmp_path):
+    graph = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["values", "indices"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                               helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("values", TensorProto.FLOAT, [1, 3]),
+                               helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 3])])
+    path = tmp_path / "topk.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == f"error: {path}: TVM cannot import the model: TopK: TopK k must be a constant"
+    assert not (tmp_path / "out").exists()
+
+
+def test_folding_evaluates_shape_chains_and_leaves_weights_and_inputs_alone(tmp_path):
+    from prune2tvm.compile.shape_folding import fold_shapes
+
+    w = np.random.default_rng(0).standard_normal((16, 300)).astype(np.float32)  # 4800 elements: a weight
+    nodes = [helper.make_node("Shape", ["x"], ["last"], start=-1),  # [16]
+             helper.make_node("ConstantOfShape", ["last"], ["ones"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+             helper.make_node("Add", ["x", "ones"], ["shifted"]),  # depends on the input: kept
+             helper.make_node("MatMul", ["shifted", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 300])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded, count = fold_shapes(model, {"x": [3, 16]})
+    assert count == 2
+    assert [n.op_type for n in folded.graph.node] == ["Add", "MatMul"]
+    assert {i.name for i in folded.graph.initializer} == {"w", "ones"}
+    assert [d.dim_value for d in folded.graph.input[0].type.tensor_type.shape.dim] == [3, 16]
+    assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim] == ["batch", ""]  # a copy
+    onnx.save(model, tmp_path / "a.onnx")
+    onnx.save(folded, tmp_path / "b.onnx")
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    np.testing.assert_allclose(session(tmp_path / "b.onnx").run(None, {"x": x})[0],
+                               session(tmp_path / "a.onnx").run(None, {"x": x})[0], rtol=1e-6)

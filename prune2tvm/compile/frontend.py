@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import os
+import re
 
 import numpy as np
 
@@ -11,7 +15,9 @@ from tvm.relax.frontend import onnx as relax_onnx
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from prune2tvm.compile.passes.bounded_gather import bound_gathers
+from prune2tvm.compile.shape_folding import fold_shapes
 from prune2tvm.errors import InputError, UnsupportedError
+from prune2tvm.progress import say
 
 
 def import_onnx(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> "tvm.IRModule":
@@ -23,11 +29,38 @@ def import_onnx(path: str | os.PathLike, input_shapes: dict[str, list[int]]) -> 
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     check_importable(path, model)
     try:
-        mod = relax_onnx.from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
+        mod = _from_onnx(model, input_shapes)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedError(f"{path}: TVM cannot import the model: {first}") from None
+        why = str(exc)
+        # the importer leaves some shape computations symbolic even for static inputs, then fails
+        # on them: once more with them folded into constants (``shape_folding``)
+        folded, count = fold_shapes(model, input_shapes)
+        if not count:
+            raise UnsupportedError(f"{path}: TVM cannot import the model: {why}") from None
+        try:
+            mod = _from_onnx(folded, input_shapes)
+        except Exception:
+            raise UnsupportedError(f"{path}: TVM cannot import the model: {why}") from None
+        say(f"  TVM's importer failed on the model as it is ({why}); imported it with {count} shape "
+            f"computation(s) folded into constants")
     return bound_gathers(mod)
+
+
+def _from_onnx(model, input_shapes: dict[str, list[int]]) -> "tvm.IRModule":
+    """The importer, its error made one line that names the op it failed on (it prints that
+    name on stdout, apart from the error)."""
+    from prune2tvm.runtime import without_native_noise
+
+    printed, failure = io.StringIO(), ""
+    with contextlib.redirect_stdout(printed), without_native_noise():
+        try:
+            return relax_onnx.from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
+        except Exception as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            op = re.search(r"Error converting operator (\w+)", printed.getvalue())
+            failure = f"{op.group(1)}: {last}" if op else last
+        gc.collect()  # the failed import's BlockBuilder warns as it is destroyed
+    raise RuntimeError(failure)
 
 
 def check_importable(path: str | os.PathLike, model) -> None:
