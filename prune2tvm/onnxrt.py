@@ -36,13 +36,18 @@ def compare(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-4, atol: 
 
 
 def random_input(rng: np.random.Generator, shape, dtype: str, index_bound: int | None = None) -> np.ndarray:
-    """A random test input of ``dtype``: floats standard normal; integers (token ids, masks,
-    positions) in [0, index_bound), 2 if not given, so every index is valid; booleans either way."""
+    """A random test input of ``dtype``: floats standard normal; integers that index a table
+    (token ids) in [0, index_bound); other 8-bit integers (images, quantized data) over their
+    whole range; other integers (masks, type ids) 0 or 1; booleans either way."""
     kind = np.dtype(dtype)
     if kind == np.bool_:
         return rng.random(shape) < 0.5
     if np.issubdtype(kind, np.integer):
-        return rng.integers(0, index_bound or 2, size=shape).astype(kind)
+        if index_bound:
+            return rng.integers(0, index_bound, size=shape).astype(kind)
+        if kind.itemsize == 1:
+            return rng.integers(np.iinfo(kind).min, np.iinfo(kind).max, size=shape, endpoint=True).astype(kind)
+        return rng.integers(0, 2, size=shape).astype(kind)
     return rng.standard_normal(shape).astype(kind)
 
 

@@ -222,3 +222,17 @@ def test_folding_evaluates_shape_chains_and_leaves_weights_and_inputs_alone(tmp_
     x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
     np.testing.assert_allclose(session(tmp_path / "b.onnx").run(None, {"x": x})[0],
                                session(tmp_path / "a.onnx").run(None, {"x": x})[0], rtol=1e-6)
+
+
+def test_random_check_inputs_are_valid_for_what_each_integer_input_is():
+    from prune2tvm.onnxrt import random_input
+
+    rng = np.random.default_rng(0)
+    ids = random_input(rng, (4000,), "int64", index_bound=30)
+    assert ids.dtype == np.int64 and ids.min() == 0 and ids.max() == 29
+    mask = random_input(rng, (4000,), "int32")
+    assert mask.dtype == np.int32 and set(np.unique(mask)) == {0, 1}
+    image = random_input(rng, (4000,), "uint8")
+    assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
+    assert random_input(rng, (100,), "bool").dtype == np.bool_
+    assert random_input(rng, (3, 2), "float16").dtype == np.float16
