@@ -5,9 +5,9 @@ out-of-range index points at: a token id past the vocabulary gave garbage output
 segmentation fault, where onnxruntime refuses the input. After the importer's own
 normalisation of negative indices, every valid index is in range, so this pass changes only
 what an invalid one does: a float table yields NaN (visibly wrong, never a crash), any other
-table the nearest row ("clip"; take has no NaN for integers). The runtime also refuses an
-input that indexes a table directly out of range (``InputSpec.index_bound``), with the table's
-size in the message; this covers indices computed inside the model.
+table the nearest row ("clip"; take has no NaN for integers). This is for indices computed
+inside the model: an input that indexes a table directly is checked by the runtime before the
+call (``InputSpec.index_bound``) and refused with the table's size in the message.
 """
 
 from __future__ import annotations
