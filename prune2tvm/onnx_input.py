@@ -118,7 +118,10 @@ def input_types(model) -> dict[str, tuple[str, int | None]]:
     for value in model.graph.input:
         if value.name in tables:
             continue
-        dtype = str(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        try:
+            dtype = str(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        except (KeyError, ValueError):  # undefined, or a type numpy lacks: the importer will say
+            dtype = "float32"
         types[value.name] = (dtype, bounds.get(value.name) if dtype.startswith(("int", "uint")) else None)
     return types
 
