@@ -160,7 +160,8 @@ def static_shapes(path: str | os.PathLike, model, batch_size: int, overrides: tu
         unknown = [i for i, d in enumerate(shape) if d is None]
         if unknown:
             example = ",".join(str(d if d is not None else 128) for d in shape)
-            raise InputError(f"{path}: input {name!r} has dynamic dimension(s) {unknown} in {_show(dims)}; "
+            where = f"dimension{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} (counting from 0)"
+            raise InputError(f"{path}: input {name!r} {_show(dims)} has no size for {where}; "
                              f"give a static shape, e.g. --input-shape {name}={example}")
         shapes[name] = [int(d) for d in shape]
     return shapes

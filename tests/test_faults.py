@@ -266,7 +266,7 @@ CASES = [
     ("onnx-opset-too-old", ["compile", "{f}", "-o", "{d}/out"], model_file(opset=7), "opset 7 is too old"),
     ("onnx-opset-too-new", ["compile", "{f}", "-o", "{d}/out"], model_file(opset=99), "opset 99 is newer"),
     ("onnx-dynamic-shape", ["compile", "{f}", "-o", "{d}/out"], model_file(dims=("batch", "features")),
-     "has dynamic dimension(s) [1]"),
+     "input 'x' [?, ?] has no size for dimension 1 (counting from 0); give a static shape, e.g. --input-shape x=1,128"),
     ("onnx-unsupported-ops", ["compile", "{f}", "-o", "{d}/out"], custom_ops,
      "does not support these ops: Bar, Foo"),
     ("onnx-external-outside", ["compile", "{f}", "-o", "{d}/out"], model_file(external="../../etc/passwd"),
