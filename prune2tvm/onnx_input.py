@@ -101,12 +101,12 @@ def input_types(model) -> dict[str, tuple[str, int | None]]:
     """Each graph input's numpy dtype and ``index_bound``: for an input that a ``Gather`` reads
     as indices into a constant table (token ids into an embedding), the rows of the smallest such
     table, else None. The runtime refuses indices outside it; random test inputs stay inside."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     tables = {i.name: list(i.dims) for i in model.graph.initializer}
-    for node in model.graph.node:
+    for node in model.graph.node:  # (dims only: a Constant may hold a whole weight)
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            tables[node.output[0]] = list(numpy_helper.to_array(node.attribute[0].t).shape)
+            tables[node.output[0]] = list(node.attribute[0].t.dims)
     bounds: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:

@@ -28,8 +28,9 @@ def fold_shapes(model, input_shapes: dict[str, list[int]]):
     import onnx
     from onnx import numpy_helper, shape_inference
 
-    original, model = model, onnx.ModelProto()
-    model.CopyFrom(original)  # (not through bytes: a model over 2 GB cannot be serialised)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # (not through bytes: a model over 2 GB cannot be serialised)
+    model = copy
     graph = model.graph
     for value in graph.input:
         if value.name in input_shapes:
