@@ -367,8 +367,9 @@ def export(checkpoint: str, model_name: str, input_shape: str, num_classes: int,
 # compile's and tune's --dense-kernel (the values of build.DENSE_KERNELS, not imported here: it loads TVM)
 DENSE_KERNEL_OPTION = click.option(
     "--dense-kernel", type=click.Choice(["packed", "tvm"]), default=None,
-    help="On CPUs, what computes constant-weight layers that stay dense: packed (prune2tvm's kernel, "
-         "close to onnxruntime untuned; the default) or tvm (TVM's op, as fast as 'prune2tvm tune' makes it).")
+    help="On CPUs, what computes constant-weight layers that stay dense, and products of two activations "
+         "(attention): packed (prune2tvm's kernels, close to onnxruntime untuned; the default) or tvm (TVM's ops, "
+         "as fast as 'prune2tvm tune' makes them).")
 
 
 @cli.command(name="compile")

@@ -153,7 +153,7 @@ def test_batched_3d_activations_and_non_constant_weights(tmp_path):
     compiled = compile_onnx(path, load_target("x86"), {"input": [1, 16, 32]}, sparsify=SparsifyOptions((8, 1), 0.5))
     kinds = [(d["kind"], d["reason"].split(";")[0]) for d in compiled.info.layers]
     assert kinds[:2] == [("bsr", kinds[0][1]), ("bsr", kinds[1][1])]
-    assert kinds[2] == ("dense", "weight is not a constant (an activation)")
+    assert kinds[2] == ("dense", "two activations (e.g. attention): prune2tvm's batched matmul kernel")
     x = np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],
                                rtol=1e-4, atol=1e-5)
@@ -207,7 +207,7 @@ def test_a_bert_style_encoder_with_bsr_linear_layers_matches_onnxruntime(tmp_pat
     compiled = compile_onnx(path, load_target("x86"), {"input": [1, 16, 32]}, sparsify=SparsifyOptions((4, 1), 0.5))
     decisions = [(d["kind"], d["reason"]) for d in compiled.info.layers]
     assert [k for k, _ in decisions].count("bsr") == 12  # 6 projections per layer x 2 layers
-    assert sum("not a constant" in r for _, r in decisions) == 4  # q @ k^T and scores @ v, per layer
+    assert sum("batched matmul kernel" in r for _, r in decisions) == 4  # q @ k^T and scores @ v, per layer
     assert ("dense", "[3, 32] does not divide into 4x1 blocks; left dense") in decisions  # the classifier
     x = np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
     np.testing.assert_allclose(compiled.run({"input": x})[0], session(path).run(None, {"input": x})[0],

@@ -405,6 +405,7 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     from prune2tvm.compile.kernels.bsr_matmul import (NO_EPILOGUE, BsrMatmulShape, bsr_matmul_cpu, bsr_matmul_cuda,
                                                       search_space)
     from prune2tvm.compile.kernels.windowed_gemv import cpu_layout
+    from prune2tvm.compile.passes.activation_matmul import rewrite_activation_matmuls
     from prune2tvm.compile.passes.decisions import in_graph_order
     from prune2tvm.compile.passes.fuse_epilogue import fuse_epilogues
     from prune2tvm.compile.passes.fuse_expand_depthwise import fuse_expand_depthwise
@@ -472,6 +473,8 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
     mod = fuse_epilogues(mod, kernels)
     if target.kind != "cuda":
         mod = fuse_expand_depthwise(mod, kernels, lanes)
+        if pack:
+            mod = rewrite_activation_matmuls(mod, lanes)
     if specs:  # a kernel fused into another (a 1x1 conv into its depthwise conv) no longer runs: not worth tuning
         running = {str(f.attrs[TUNING_KEY]) for f in mod.functions.values()
                    if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and TUNING_KEY in f.attrs}

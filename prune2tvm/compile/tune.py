@@ -29,7 +29,7 @@ from tvm.s_tir import meta_schedule as ms
 import prune2tvm
 from prune2tvm import interrupt
 from prune2tvm.compile.remote import RpcDevice
-from prune2tvm.compile.target import device, resolved_target_dict, tvm_target
+from prune2tvm.compile.target import cpu_schedules, device, resolved_target_dict, tvm_target
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import InputError, UnsupportedError
 from prune2tvm.fsutil import ensure_writable_dir, removed_if_interrupted, write_json
@@ -503,6 +503,8 @@ def build_with_database(mod: tvm.IRModule, target: TargetConfig, db: TuningDatab
 
             module = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(module)
+        else:  # what the database has no record for, as the untuned build schedules it
+            module = cpu_schedules()(module)
         return tvm.transform.Sequential(lower)(module)
 
     with tgt, db.ms, tvm.transform.PassContext(opt_level=3):

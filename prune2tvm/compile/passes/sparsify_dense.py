@@ -9,7 +9,8 @@ ReLU that follow are folded into the kernel afterwards (``fuse_epilogue``).
 A layer becomes BSR when its block sparsity (the fraction of all-zero R x C blocks of
 W[N, K]) is at least the threshold and its shape divides into blocks; every matched layer
 gets a ``LayerDecision`` saying what was done and why. With ``pack``, a constant-weight layer
-that stays dense runs the same kernel with every block stored (``pack_dense``).
+that stays dense runs the same kernel with every block stored (``pack_dense``), and a product
+of two activations is said to run ``activation_matmul``'s kernel (that pass rewrites it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
+from prune2tvm.compile.passes.activation_matmul import KERNEL, unsupported
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, pack_dense, rewrite_functions,
                                                 selected, static_shape)
@@ -50,14 +52,19 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
     log = DecisionLog(names)
     builder = relax.BlockBuilder(mod)  # gives each added kernel a typed GlobalVar
 
-    def rewrite(call: relax.Call, matches: dict) -> relax.Expr:
+    def rewrite(call: relax.Call, matches: dict, values: dict, _uses: dict) -> relax.Expr:
         if log.seen(call):
             return call
         if weight not in matches:  # e.g. attention's activation x activation products
             decision = log.add(call, "dense", None, static_shape(call) or [], block)
-            decision.reason = ("the constant is the left operand (W @ x); only x @ W is rewritten; left dense"
-                               if isinstance(call.args[0], tvm.ir.GenericConst) else
-                               "weight is not a constant (an activation); left dense")
+            if isinstance(call.args[0], tvm.ir.GenericConst):
+                decision.reason = "the constant is the left operand (W @ x); only x @ W is rewritten; left dense"
+            elif not pack:
+                decision.reason = "weight is not a constant (an activation); left dense"
+            else:  # rewritten by ``activation_matmul`` after this pass, or left to TVM
+                why = unsupported(call, values)
+                decision.reason = ("two activations (e.g. attention): " +
+                                   (f"{KERNEL}" if why is None else f"{why}; left to TVM's op"))
             return call
         w = matches[weight].value.numpy()
         axes = matches[transposed].attrs.axes if transposed in matches else None
@@ -95,4 +102,4 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
                              relax.TensorType([rows, n], dtype))
         return relax.op.reshape(out, [*x_shape[:-1], n]) if len(x_shape) != 2 else out
 
-    return rewrite_functions(mod, builder, pattern, rewrite), in_graph_order(log.decisions())
+    return rewrite_functions(mod, builder, pattern, rewrite, bindings=True), in_graph_order(log.decisions())
