@@ -11,7 +11,7 @@ from prune2tvm.compile import compile_onnx
 from prune2tvm.compile.build import SparsifyOptions, sparsify_module
 from prune2tvm.compile.frontend import import_onnx
 from prune2tvm.compile.kernels.batch_matmul import BatchMatmulShape, batch_matmul_cpu, tiling
-from prune2tvm.compile.target import cpu_schedules
+from prune2tvm.compile.cpu_schedules import cpu_schedules
 from prune2tvm.config import load_target
 from prune2tvm.onnxrt import session
 
@@ -109,3 +109,33 @@ def test_softmax_gets_a_parallel_schedule_on_cpus():
     (func,) = funcs.values()
     assert func.attrs["tirx.is_scheduled"] and "T.parallel" in func.script()
     assert "T.parallel" not in [f for f in legalized.functions.values() if isinstance(f, tvm.tirx.PrimFunc)][0].script()
+
+
+def test_elementwise_functions_run_in_parallel_in_whole_vectors():
+    """GELU over 128 x 3072 (a BERT-base feed-forward): TVM's default is one scalar loop."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([128, 3072], "float32"))
+    small = relax.Var("s", relax.TensorType([8, 8], "float32"))
+    with bb.function("main", [x, small]):
+        with bb.dataflow():
+            gelu = bb.emit(relax.op.multiply(x, relax.op.add(relax.op.erf(x), relax.const(1.0, "float32"))))
+            tiny = bb.emit(relax.op.add(small, small))  # too small to be worth a parallel launch
+            out = bb.emit_output(relax.Tuple([gelu, tiny]))
+        bb.emit_func_output(out)
+    with tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}):
+        mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                        relax.transform.FuseOps(), relax.transform.FuseTIR()])(bb.get())
+        scheduled = cpu_schedules()(mod)
+    scripts = {gv.name_hint: f.script() for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    (gelu_name,) = [n for n in scripts if "erf" in n]
+    assert "T.parallel" in scripts[gelu_name] and "T.vectorized(T.int64(16))" in scripts[gelu_name]
+    (add_name,) = [n for n in scripts if "erf" not in n]
+    assert "T.parallel" not in scripts[add_name]
+    ex = tvm.compile(scheduled, "llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    a = np.random.default_rng(0).standard_normal((128, 3072)).astype(np.float32)
+    b = np.ones((8, 8), np.float32)
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b))
+    from scipy.special import erf
+    np.testing.assert_allclose(got[0].numpy(), a * (erf(a) + 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[1].numpy(), 2 * b)

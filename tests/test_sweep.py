@@ -232,6 +232,11 @@ def test_kernel_calls_are_attributed_to_layers_in_graph_order():
     owner = attribute(calls, layers)
     assert owner == [0, 0, None, 1, None, 2]
     assert attribute([("matmul", [(1, 64), (64, 64)])], layers[2:]) == [None]  # an activation product: no layer
+    # prune2tvm's kernel for one is the table's entry of that product, not the next layer that fits its shapes
+    product = {"name": "dense1", "weight_shape": [1, 4, 10, 64], "reason": "two activations (e.g. attention): ..."}
+    assert attribute([("batch_matmul", [(4, 10, 64), (4, 64, 64), (4, 10, 64)]), ("bsr_matmul", [(10, 64)])],
+                     [product, {"name": "fc", "weight_shape": [64, 64]}]) == [0, 1]
+    assert attribute([("batch_matmul", [(1, 64), (64, 10), (1, 10)])], layers[2:]) == [None]
     # a fused 1x1 conv + depthwise conv kernel computes two layers: the next call is the third's
     assert attribute([("expand_depthwise", [(1, 300)]), ("bsr_matmul", [(1, 64)])], layers) == [0, 2]
 

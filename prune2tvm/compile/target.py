@@ -46,42 +46,11 @@ def build_untuned(mod: tvm.IRModule, target: TargetConfig):
     return tvm.compile(mod, tgt, relax_pipeline=pipeline)
 
 
-def cpu_schedules():
-    """A pass scheduling, with dlight's CPU rule for reductions, what neither a tuning record
-    nor a prune2tvm kernel schedules: softmax, layer norm and the like run in parallel over
-    rows and vectorised, where TVM's default is a scalar loop nest on one core (a torch
-    ``TransformerEncoder``, 64 tokens, width 256, 90 % 4x1: 0.38 -> 0.32 ms). A function the
-    rule does not fit, or fails on, keeps TVM's default; the build is checked against
-    onnxruntime either way."""
-    from tvm.s_tir import dlight as dl
-
-    @tvm.transform.module_pass(opt_level=0, name="Prune2TVMCpuSchedules")
-    def apply(mod, _ctx):
-        target, rule = tvm.target.Target.current(allow_none=False), dl.cpu.Reduction()
-        updated = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and "tirx.is_scheduled" in func.attrs):
-                continue
-            try:
-                sch = rule.apply(func, target, False)
-            except Exception:  # noqa: BLE001 - TVM's rule on a pattern it did not foresee
-                continue
-            if isinstance(sch, list):
-                sch = sch[0] if sch else None
-            if sch is not None:
-                updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        if updated:
-            mod = mod.clone()  # not the caller's module
-            for gvar, func in updated.items():
-                mod[gvar] = func
-        return mod
-
-    return apply
-
-
 def cpu_pipeline(tgt):
     """TVM's CPU pipeline (``relax.get_default_pipeline``) with ``cpu_schedules`` after fusion."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from prune2tvm.compile.cpu_schedules import cpu_schedules
 
     @tvm.transform.module_pass(opt_level=0, name="Prune2TVMCpuPipeline")
     def pipeline(mod, _ctx):

@@ -10,14 +10,16 @@ order, so calls are matched to layers in turn:
 - a dense TVM kernel (``conv2d``, ``matmul`` or ``dense`` in its name, fused with its epilogue)
   is the layer whose weight it takes (an argument of the weight's shape, or its transpose);
 - the layout copies made for a layer's kernel (``pad_flat``, ``pad_phases``) count for the
-  layer that reads them.
+  layer that reads them;
+- prune2tvm's ``batch_matmul`` is the table's next product of two activations of its output's
+  shape (attention's Q @ K.T and softmax @ V).
 
-Everything else (pooling, reshapes, adds not fused, attention's activation products) is
-"other". A layer no call could be matched to keeps ``ms = None``.
+Everything else (pooling, reshapes, adds not fused, products left to TVM's op) is "other". A layer no call could be matched to keeps ``ms = None``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 LAYER_KERNELS = ("bsr_matmul", "bsr_conv2d", "depthwise_conv2d", "expand_depthwise")
 TWO_LAYER_KERNELS = ("expand_depthwise",)
 INPUT_PREP = ("pad_flat", "pad_phases")
+PRODUCT_KERNELS = ("batch_matmul",)  # a product of two activations (the table lists it)
 DENSE_OPS = ("conv2d", "matmul", "dense")
 
 
@@ -78,6 +81,12 @@ def attribute(calls: list[tuple[str, list[tuple[int, ...]]]], layers: list[dict]
         found = None
         if ours:
             found = nxt
+        elif name.startswith(PRODUCT_KERNELS):  # the table's entry of the product: its shape is the output's
+            out = shapes[-1] if shapes else ()
+            found = next((j for j in range(nxt, min(nxt + 4, len(layers)))
+                          if "two activations" in layers[j].get("reason", "")
+                          and math.prod(layers[j]["weight_shape"]) == math.prod(out)
+                          and tuple(layers[j]["weight_shape"][-2:]) == tuple(out[-2:])), None)
         elif any(op in name for op in DENSE_OPS):
             found = next((j for j in range(nxt, min(nxt + 4, len(layers)))
                           if _takes_weight(shapes, layers[j]["weight_shape"])), None)
