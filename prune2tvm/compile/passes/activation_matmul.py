@@ -21,6 +21,7 @@ from prune2tvm.compile.kernels.batch_matmul import BatchMatmulShape, batch_matmu
 from prune2tvm.compile.passes.decisions import rewrite_functions, static_shape
 
 KERNEL = "prune2tvm's batched matmul kernel"
+CONSTANT_OPERAND = "a constant operand"
 
 
 def constant(expr: relax.Expr, values: dict) -> bool:
@@ -39,7 +40,7 @@ def unsupported(call: relax.Call, values: dict) -> str | None:
     ``values``: the function's variable -> bound value map."""
     a, b = call.args
     if constant(a, values) or constant(b, values):
-        return "a constant operand"
+        return CONSTANT_OPERAND
     shapes = [static_shape(e) for e in (a, b, call)]
     if any(s is None for s in shapes):
         return "shapes are not static"
