@@ -41,6 +41,7 @@ def test_tiles_fill_the_registers_and_divide_the_rows_where_they_can():
     assert tiling(BatchMatmulShape(12, 128, 64, 128, 12, 12), 16) == (4, 4)  # 16 accumulators, 128 = 32 x 4
     assert tiling(BatchMatmulShape(1, 30, 8, 16, 1, 1), 16) == (15, 1)  # one vector: up to 15 rows (stack limit)
     assert tiling(BatchMatmulShape(1, 5, 8, 40, 1, 1), 16) == (5, 3)  # 3 vectors cover 40 outputs in one tile
+    assert tiling(BatchMatmulShape(1, 8, 8, 80, 1, 1), 16) == (8, 3)  # 5 vectors: 2 tiles of 3, not of 4
 
 
 def attention_like(path):

@@ -41,7 +41,7 @@ def tiling(shape: BatchMatmulShape, lanes: int) -> tuple[int, int]:
     registers allow; MR divides M where a divisor that large exists."""
     vectors = -(-shape.outputs // lanes)
     nv = min(vectors, MAX_VECTORS)
-    nv = next(v for v in range(nv, 0, -1) if -(-vectors // v) == -(-vectors // nv))  # same tiles, fewer lanes
+    nv = next(v for v in range(1, nv + 1) if -(-vectors // v) == -(-vectors // nv))  # as few tiles, less padding
     most = max(1, min(MAX_ACCUMULATORS.get(lanes, 12) // nv, 255 // lanes, shape.rows))
     dividing = [r for r in range(1, most + 1) if shape.rows % r == 0]
     mr = dividing[-1] if dividing[-1] * 3 >= most * 2 else most
@@ -49,6 +49,7 @@ def tiling(shape: BatchMatmulShape, lanes: int) -> tuple[int, int]:
 
 
 def batch_matmul_cpu(shape: BatchMatmulShape, lanes: int = 16):
+    """The kernel for ``shape``: ``batch_matmul(a[left_batch, M, K], b[right_batch, K, N], out[batch, M, N])``."""
     B, M, K, N, BA, BB = (shape.batch, shape.rows, shape.inputs, shape.outputs, shape.left_batch,
                           shape.right_batch)
     V = lanes
