@@ -319,8 +319,12 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
             layers = [d.to_json() for d in decisions]
             from prune2tvm.compile.passes.decisions import PACKED
 
+            from prune2tvm.compile.passes.activation_matmul import PRODUCT
+
             bsr, packed = sum(d.kind == "bsr" for d in decisions), sum(PACKED in d.reason for d in decisions)
-            say(f"  of {len(decisions)} weight layers, {bsr} rewritten to BSR, {packed} packed dense")
+            products = sum(d.reason.startswith(PRODUCT) for d in decisions)
+            say(f"  of {len(decisions) - products} weight layers, {bsr} rewritten to BSR, {packed} packed dense"
+                + (f"; {products} products of two activations" if products else ""))
     if fast_math:
         mod = relax.transform.FastMathTransform()(mod)
     elif target.kind != "cuda" and (count := libm_ops(mod)):

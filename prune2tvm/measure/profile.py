@@ -28,6 +28,7 @@ LAYER_KERNELS = ("bsr_matmul", "bsr_conv2d", "depthwise_conv2d", "expand_depthwi
 TWO_LAYER_KERNELS = ("expand_depthwise",)
 INPUT_PREP = ("pad_flat", "pad_phases")
 PRODUCT_KERNELS = ("batch_matmul",)  # a product of two activations (the table lists it)
+PRODUCT = "two activations"  # how the table's reason for one begins (``passes.activation_matmul.PRODUCT``)
 DENSE_OPS = ("conv2d", "matmul", "dense")
 
 
@@ -84,7 +85,7 @@ def attribute(calls: list[tuple[str, list[tuple[int, ...]]]], layers: list[dict]
         elif name.startswith(PRODUCT_KERNELS):  # the table's entry of the product: its shape is the output's
             out = shapes[-1] if shapes else ()
             found = next((j for j in range(nxt, min(nxt + 4, len(layers)))
-                          if "two activations" in layers[j].get("reason", "")
+                          if layers[j].get("reason", "").startswith(PRODUCT)
                           and math.prod(layers[j]["weight_shape"]) == math.prod(out)
                           and tuple(layers[j]["weight_shape"][-2:]) == tuple(out[-2:])), None)
         elif any(op in name for op in DENSE_OPS):

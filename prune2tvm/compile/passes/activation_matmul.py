@@ -20,6 +20,7 @@ from tvm.relax.dpl import is_op, wildcard
 from prune2tvm.compile.kernels.batch_matmul import BatchMatmulShape, batch_matmul_cpu
 from prune2tvm.compile.passes.decisions import rewrite_functions, static_shape
 
+PRODUCT = "two activations (e.g. attention)"  # how the layer table's reason for a product begins
 KERNEL = "prune2tvm's batched matmul kernel"
 CONSTANT_OPERAND = "a constant operand"
 

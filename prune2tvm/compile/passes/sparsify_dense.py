@@ -24,7 +24,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from prune2tvm.compile.kernels.bsr_matmul import NO_EPILOGUE, Epilogue
-from prune2tvm.compile.passes.activation_matmul import CONSTANT_OPERAND, KERNEL, unsupported
+from prune2tvm.compile.passes.activation_matmul import CONSTANT_OPERAND, KERNEL, PRODUCT, unsupported
 from prune2tvm.compile.passes.decisions import (DecisionLog, LayerDecision, LayerNamer, Probe, Selector, const,
                                                 decide_bsr, in_graph_order, pack_dense, rewrite_functions,
                                                 selected, static_shape)
@@ -59,13 +59,12 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
             decision = log.add(call, "dense", None, static_shape(call) or [], block)
             if isinstance(call.args[0], tvm.ir.GenericConst):
                 decision.reason = "the constant is the left operand (W @ x); only x @ W is rewritten; left dense"
-            elif not pack:
-                decision.reason = "weight is not a constant (an activation); left dense"
             elif (why := unsupported(call, values)) == CONSTANT_OPERAND:
                 decision.reason = "an operand computed from constants only (not a plain weight); left to TVM's op"
+            elif not pack:
+                decision.reason = f"{PRODUCT}: TVM's op (--dense-kernel tvm)"
             else:  # rewritten by ``activation_matmul`` after this pass, or left to TVM
-                decision.reason = "two activations (e.g. attention): " + (KERNEL if why is None else
-                                                                          f"{why}; left to TVM's op")
+                decision.reason = f"{PRODUCT}: " + (KERNEL if why is None else f"{why}; left to TVM's op")
             return call
         w = matches[weight].value.numpy()
         axes = matches[transposed].attrs.axes if transposed in matches else None
