@@ -62,7 +62,7 @@ def sparsify_dense(mod: tvm.IRModule, block: tuple[int, int], threshold: float, 
             elif (why := unsupported(call, values)) == CONSTANT_OPERAND:
                 decision.reason = "an operand computed from constants only (not a plain weight); left to TVM's op"
             elif not pack:
-                decision.reason = f"{PRODUCT}: TVM's op (--dense-kernel tvm)"
+                decision.reason = f"{PRODUCT}: TVM's op"  # --dense-kernel tvm, or a GPU target
             else:  # rewritten by ``activation_matmul`` after this pass, or left to TVM
                 decision.reason = f"{PRODUCT}: " + (KERNEL if why is None else f"{why}; left to TVM's op")
             return call
