@@ -24,7 +24,8 @@ from tvm import relax
 
 import prune2tvm
 from prune2tvm.compile.frontend import import_onnx
-from prune2tvm.compile.target import build_untuned, device, export_compiler, resolved_target_dict, tvm_target
+from prune2tvm.compile.target import (build_untuned, device, export_compiler, resolved_target_dict, tvm_target,
+                                      vector_lanes)
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import BuildError, InputError, NumericalMismatchError, UnsupportedError
 from prune2tvm.fsutil import atomic_path, sha256_file, write_json
@@ -317,9 +318,8 @@ def prepare_module(onnx_path: str | os.PathLike, target: TargetConfig, input_sha
             records = BsrRecords.open(database.path) if database is not None else None
             mod, decisions = sparsify_module(mod, onnx_path, target, sparsify, records, specs, database, probes)
             layers = [d.to_json() for d in decisions]
-            from prune2tvm.compile.passes.decisions import PACKED
-
             from prune2tvm.compile.passes.activation_matmul import PRODUCT
+            from prune2tvm.compile.passes.decisions import PACKED
 
             bsr, packed = sum(d.kind == "bsr" for d in decisions), sum(PACKED in d.reason for d in decisions)
             products = sum(d.reason.startswith(PRODUCT) for d in decisions)
@@ -506,8 +506,6 @@ def run_sparsify_passes(mod, target: TargetConfig, block: tuple[int, int], thres
 
 def simd_lanes(target: TargetConfig) -> int:
     """float32 lanes of the target CPU's widest vectors (AVX-512: 16, AVX2: 8, NEON/SSE: 4)."""
-    from prune2tvm.compile.cpu_schedules import vector_lanes
-
     return vector_lanes(tvm_target(target))
 
 

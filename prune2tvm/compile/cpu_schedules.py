@@ -19,6 +19,8 @@ import math
 
 import tvm
 
+from prune2tvm.compile.target import vector_lanes
+
 PARALLEL_MIN_ELEMENTS = 16384  # smaller functions stay serial (a chosen threshold, not a measured one)
 CHUNK_VECTORS = 64  # vectors per parallel chunk
 
@@ -52,17 +54,6 @@ def injective(func: "tvm.tirx.PrimFunc", lanes: int):
     parallel, _ = sch.split(fused, factors=[None, chunk])
     sch.parallel(parallel)
     return sch
-
-
-def vector_lanes(target: "tvm.target.Target") -> int:
-    """float32 lanes of the target CPU's widest vectors (AVX-512: 16, AVX2: 8, NEON/SSE: 4)."""
-    from tvm.target import codegen
-
-    if codegen.llvm_cpu_has_features("avx512f", target):
-        return 16
-    if codegen.llvm_cpu_has_features("avx2", target) or codegen.llvm_cpu_has_features("avx", target):
-        return 8
-    return 4
 
 
 def cpu_schedules():

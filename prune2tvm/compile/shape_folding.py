@@ -91,10 +91,12 @@ def _evaluate(node, known: dict, shapes: dict, opsets) -> list | None:
         return None
     if node.op_type != "Constant" and not names:
         return None
-    graph = helper.make_graph([node], "fold", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(known[n].dtype), None) for n in names],
-                              [helper.make_tensor_value_info(n, 0, None) for n in node.output if n])
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(known[n].dtype), None) for n in names]
+    outputs = [helper.make_tensor_value_info(n, 0, None) for n in node.output if n]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
     try:
-        results = ReferenceEvaluator(helper.make_model(graph, opset_imports=opsets)).run(None, {n: known[n] for n in names})
+        evaluator = ReferenceEvaluator(helper.make_model(graph, opset_imports=opsets))
+        results = evaluator.run(None, {n: known[n] for n in names})
     except Exception:  # an op the reference evaluator lacks: leave it to the importer
         return None
     if any(np.asarray(r).size > SMALL for r in results):

@@ -46,6 +46,17 @@ def build_untuned(mod: tvm.IRModule, target: TargetConfig):
     return tvm.compile(mod, tgt, relax_pipeline=pipeline)
 
 
+def vector_lanes(target: "tvm.target.Target") -> int:
+    """float32 lanes of the target CPU's widest vectors (AVX-512: 16, AVX2: 8, NEON/SSE: 4)."""
+    from tvm.target import codegen
+
+    if codegen.llvm_cpu_has_features("avx512f", target):
+        return 16
+    if codegen.llvm_cpu_has_features("avx2", target) or codegen.llvm_cpu_has_features("avx", target):
+        return 8
+    return 4
+
+
 def cpu_pipeline(tgt):
     """TVM's CPU pipeline (``relax.get_default_pipeline``) with ``cpu_schedules`` after fusion."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu

@@ -28,8 +28,8 @@ from tvm.s_tir import meta_schedule as ms
 
 import prune2tvm
 from prune2tvm import interrupt
-from prune2tvm.compile.remote import RpcDevice
 from prune2tvm.compile.cpu_schedules import cpu_schedules
+from prune2tvm.compile.remote import RpcDevice
 from prune2tvm.compile.target import device, resolved_target_dict, tvm_target
 from prune2tvm.config import TargetConfig
 from prune2tvm.errors import InputError, UnsupportedError

@@ -14,7 +14,8 @@ order, so calls are matched to layers in turn:
 - prune2tvm's ``batch_matmul`` is the table's next product of two activations of its output's
   shape (attention's Q @ K.T and softmax @ V).
 
-Everything else (pooling, reshapes, adds not fused, products left to TVM's op) is "other". A layer no call could be matched to keeps ``ms = None``.
+Everything else (pooling, reshapes, adds not fused, products left to TVM's op) is "other". A
+layer no call could be matched to keeps ``ms = None``.
 """
 
 from __future__ import annotations

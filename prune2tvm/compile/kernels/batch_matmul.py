@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from tvm.script import tirx as T
 
 # TVM keeps a scratch buffer on the stack (where LLVM promotes it to registers) only under
@@ -123,6 +124,4 @@ def batch_matmul_cpu(shape: BatchMatmulShape, lanes: int = 16):
 
 def reference(a, bm):
     """numpy's result for the same operands ([BA, M, K] @ [BB, K, N], a batch of 1 broadcast)."""
-    import numpy as np
-
     return np.matmul(a, bm)
